@@ -1,1 +1,65 @@
-"""gradient-nb."""
+"""gradient-nb: decentralized AI from a notebook.
+
+The public API is small:
+
+- :func:`join` a mesh (``await gradient_nb.join("ws://host:8765")``) and get a :class:`Mesh`: list
+  ``peers()``, ``offer``/``call``/``stream`` services, read and watch ``state``, query the ``dht``,
+  ``leave()``.
+- :class:`Rendezvous`: the introducer, embeddable in any asyncio program.
+- :class:`Identity`: a peer's Ed25519 key.
+- ``%load_ext gradient_nb`` in IPython/Jupyter: the ``%mesh`` and ``%%parallax`` magics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["IceConfig", "Identity", "Mesh", "Message", "Rendezvous", "join", "load_ipython_extension"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported lazily: `gradient-nb --help` and the magics' loading should not pay for aiortc and torch.
+    if name in ("Mesh", "join"):
+        from .mesh import peer
+
+        return getattr(peer, name)
+    if name == "Rendezvous":
+        from .mesh.rendezvous import Rendezvous
+
+        return Rendezvous
+    if name == "Identity":
+        from .mesh.identity import Identity
+
+        return Identity
+    if name == "IceConfig":
+        from .mesh.ice import IceConfig
+
+        return IceConfig
+    if name == "Message":
+        from .mesh.frames import Message
+
+        return Message
+    raise AttributeError(name)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext gradient_nb``: the magics, and the comm the JupyterLab Mesh panel talks to."""
+    from .notebook import comm
+    from .notebook.magics import GradientMagics
+    from .notebook.session import current
+
+    ipython.register_magics(GradientMagics)
+    session = current()
+
+    async def join_cb(url: str, name: str | None) -> None:
+        await session.start_join(url or None, name=name)
+
+    comm.register(ipython, session.snapshot, join_cb, session.leave)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    from .notebook import comm
+
+    comm.unregister(ipython)

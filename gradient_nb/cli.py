@@ -1,0 +1,368 @@
+"""The ``gradient-nb`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+def _ice_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stun", help="STUN server, e.g. stun:203.0.113.5:3478 (none by default)")
+    p.add_argument("--turn", help="TURN server, e.g. turn:203.0.113.5:3478?transport=udp")
+    p.add_argument("--turn-user", help="TURN long-term credential user")
+    p.add_argument("--turn-password", help="TURN long-term credential password")
+
+
+def _ice_from(args: argparse.Namespace):
+    from .mesh.ice import IceConfig
+
+    if args.turn and not (args.turn_user and args.turn_password):
+        raise SystemExit("error: --turn needs --turn-user and --turn-password")
+    return IceConfig(stun=args.stun, turn=args.turn, turn_username=args.turn_user,
+                     turn_password=args.turn_password)
+
+
+def _mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default="default", help="mesh name (default: %(default)s)")
+    p.add_argument("--secret", default=None, help="join secret of the mesh")
+    p.add_argument("--name", default=None, help="this peer's display name")
+    p.add_argument("--ephemeral", action="store_true", help="use a throwaway identity instead of the user's key")
+    _ice_args(p)
+
+
+async def _until_signalled(main: Callable[[asyncio.Event], Awaitable[Any]]) -> Any:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return await main(stop)
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+async def _cmd_rendezvous(args: argparse.Namespace) -> int:
+    from .mesh.rendezvous import Rendezvous
+
+    async def main(stop: asyncio.Event) -> int:
+        async with Rendezvous(args.host, args.port, secret=args.secret) as rv:
+            _emit({"event": "rendezvous", "url": rv.url, "port": rv.port})
+            await stop.wait()
+        return 0
+
+    return await _until_signalled(main)
+
+
+async def _cmd_peer(args: argparse.Namespace) -> int:
+    from .mesh import diagnostics
+    from .mesh.errors import JoinRefused
+    from .mesh.identity import Identity
+    from .mesh.peer import join
+
+    async def main(stop: asyncio.Event) -> int:
+        identity = Identity.generate() if args.ephemeral else Identity.load_or_create()
+        try:
+            mesh = await join(args.rendezvous, mesh=args.mesh, name=args.name, secret=args.secret,
+                              identity=identity, ice=_ice_from(args), heartbeat=args.heartbeat,
+                              peer_timeout=args.peer_timeout)
+        except JoinRefused as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        server = None
+        try:
+            diagnostics.install(mesh)
+            if args.serve:
+                from .serve.node import ServingPeer
+
+                layers = _parse_layers(args.layers)
+                server = await ServingPeer(mesh, None if args.serve == "default" else args.serve,
+                                           dtype=args.dtype, quantization=args.quantization, layers=layers,
+                                           memory_cap_bytes=_parse_size(args.memory_cap)).start()
+            _emit({"event": "joined", "peer_id": mesh.id, "name": mesh.name, "mesh": mesh.mesh_name})
+            await stop.wait()
+        finally:
+            if server is not None:
+                await server.stop()
+            await mesh.leave()
+        _emit({"event": "left", "peer_id": mesh.id})
+        return 0
+
+    return await _until_signalled(main)
+
+
+def _parse_layers(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"error: --layers takes START:END, e.g. 0:10, not {text!r}") from None
+    return start, end
+
+
+def _parse_size(text: str | None) -> int | None:
+    if not text:
+        return None
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("ib").rstrip("b") if text[-1:].lower() == "b" else text.strip().lower()
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise SystemExit(f"error: not a size: {text!r} (e.g. 2G, 512M)") from None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def format_peers(snapshot: dict[str, Any]) -> str:
+    """A readable table of a mesh snapshot (``Mesh.snapshot()``)."""
+    rows = [("name", "id", "device", "TFLOP/s", "free mem", "services", "links")]
+    for p in snapshot["peers"]:
+        dev = next((d["name"] for d in p["devices"] if d.get("kind") != "cpu"), None) or \
+            (p["devices"][0]["name"] if p["devices"] else "?")
+        links = [lk for lk in snapshot["links"] if p["id"] in (lk["a"], lk["b"])]
+        rows.append((p["name"] + (" *" if p.get("self") else ""), p["id"][:10], dev[:24], f"{p['tflops']:.3f}",
+                     _fmt_bytes(p["free_memory_bytes"]), ",".join(s for s in p["services"]
+                                                                    if not s.startswith(("dht.", "mesh.")))
+                     or "-", str(len(links))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    for lk in snapshot["links"]:
+        rtt = f"{lk['rtt_ms']:.2f} ms" if lk.get("rtt_ms") is not None else "?"
+        kind = "relayed" if lk.get("relayed") else "direct"
+        lines.append(f"link {lk['a'][:8]} <-> {lk['b'][:8]}  {lk.get('type')}  {kind}  rtt {rtt}")
+    return "\n".join(lines)
+
+
+async def _cmd_mesh_status(args: argparse.Namespace) -> int:
+    from .mesh.errors import JoinRefused
+    from .mesh.identity import Identity
+    from .mesh.peer import join
+
+    try:
+        mesh = await join(args.url, mesh=args.mesh, secret=args.secret, identity=Identity.generate(),
+                          name="status", observe=True)
+    except JoinRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        await mesh.wait_synced(timeout=args.timeout)
+        snap = mesh.snapshot()
+    finally:
+        await mesh.leave()
+    if args.json:
+        print(json.dumps(snap, indent=2))
+    else:
+        print(f"mesh {snap['mesh']!r} at {snap['rendezvous']}: {len(snap['peers'])} peers")
+        print(format_peers(snap))
+    return 0
+
+
+async def _cmd_demo(args: argparse.Namespace) -> int:
+    from .mesh.demo import run_demo
+
+    return await run_demo(peers=args.peers)
+
+
+async def _cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from .serve.cluster import start_local_cluster
+    from .serve.sampling import SamplingParams
+
+    layers = [_parse_layers(x) for x in args.layers.split(",")] if args.layers else None
+    if layers is not None and len(layers) != args.peers:
+        raise SystemExit(f"error: --layers gives {len(layers)} ranges for {args.peers} peers")
+    t0 = time.perf_counter()
+    print(f"starting a local mesh: embedded rendezvous, {args.peers} serving peer processes, this entry peer")
+    cluster = await start_local_cluster(args.peers, model=args.model, layers=layers, dtype=args.dtype,
+                                        quantization=args.quantization, api=args.api, api_port=args.port,
+                                        api_key=args.api_key)
+    try:
+        engine = cluster.engine
+        names = {p.id: p.name for p in cluster.mesh.peers()}
+        print(f"mesh ready in {time.perf_counter() - t0:.1f} s; model {engine.model_name} "
+              f"({engine.info.num_layers} layers)")
+        alloc = cluster.allocation()
+        for i, pipe in enumerate(alloc.pipelines):
+            print(f"allocation, pipeline {i + 1}: " + "  ".join(
+                f"{names.get(s.peer_id, s.peer_id[:8])}[{s.start}:{s.end}]" for s in pipe))
+        chain = engine.current_route()
+        print("route: entry -> " + " -> ".join(f"{names.get(s.peer_id, s.peer_id[:8])}[{s.start}:{s.end}]"
+                                              for s in chain))
+        messages = [{"role": "user", "content": args.prompt}]
+        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+        ids = engine.encode(messages)
+        start = time.perf_counter()
+        first = None
+        out: list[int] = []
+        print(f"\n> {args.prompt}\n", flush=True)
+        async for tok in engine.generate(ids, params):
+            first = first or time.perf_counter() - start
+            out.append(tok)
+            print(engine.tokenizer.decode([tok], skip_special_tokens=True), end="", flush=True)
+        elapsed = time.perf_counter() - start
+        print(f"\n\n{len(out)} tokens in {elapsed:.2f} s: {len(out) / elapsed:.1f} tokens/s, "
+              f"first token after {1000 * (first or 0):.0f} ms")
+        if args.api:
+            print(f"OpenAI-compatible API at {cluster.api.url}/v1 (Ctrl-C to stop)", flush=True)
+
+            async def wait(stop: asyncio.Event) -> None:
+                await stop.wait()
+
+            await _until_signalled(wait)
+    finally:
+        await cluster.stop()
+    return 0
+
+
+async def _cmd_chat(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    history: list[dict[str, str]] = []
+    async with aiohttp.ClientSession(headers=headers) as http:
+        model = args.model
+        if model is None:
+            async with http.get(f"{args.url}/models", timeout=aiohttp.ClientTimeout(total=10)) as r:
+                body = await r.json()
+                if r.status != 200:
+                    print(f"error: {body.get('error', {}).get('message', body)}", file=sys.stderr)
+                    return 2
+                model = body["data"][0]["id"]
+        prompts = [args.message] if args.message else None
+        while True:
+            if prompts is not None:
+                if not prompts:
+                    return 0
+                text = prompts.pop()
+            else:
+                try:
+                    text = await asyncio.to_thread(input, "you> ")
+                except EOFError:
+                    return 0
+            history.append({"role": "user", "content": text})
+            req = {"model": model, "messages": history, "stream": True, "max_tokens": args.max_tokens,
+                   "temperature": args.temperature}
+            answer = []
+            async with http.post(f"{args.url}/chat/completions", json=req,
+                                 timeout=aiohttp.ClientTimeout(total=600)) as r:
+                if r.status != 200:
+                    print(f"error: {(await r.json()).get('error', {}).get('message')}", file=sys.stderr)
+                    return 2
+                async for raw in r.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data:") or line == "data: [DONE]":
+                        continue
+                    delta = json.loads(line[5:])["choices"][0]["delta"].get("content") or ""
+                    answer.append(delta)
+                    print(delta, end="", flush=True)
+            print()
+            history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"gradient_nb.bench.{args.what}")
+    return int(module.main(args.rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradient-nb", description="Decentralized AI from a notebook.")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("rendezvous", help="run the introducer for any number of named meshes")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--secret", default=None, help="join secret required from every peer")
+    p.set_defaults(func=_cmd_rendezvous)
+
+    p = sub.add_parser("peer", help="run a headless peer (what a volunteer machine runs)")
+    p.add_argument("--rendezvous", required=True, help="rendezvous URL, e.g. ws://host:8765")
+    p.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats")
+    p.add_argument("--peer-timeout", type=float, default=10.0, help="seconds of silence before a peer is gone")
+    p.add_argument("--serve", metavar="MODEL", help="serve layers of MODEL ('default' = the bundled model)")
+    p.add_argument("--layers", help="serve exactly these layers, START:END (default: the coordinator decides)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", choices=["int8", "nf4"], help="quantize this peer's layers")
+    p.add_argument("--memory-cap", help="offer at most this much memory, e.g. 2G")
+    _mesh_args(p)
+    p.set_defaults(func=_cmd_peer)
+
+    p = sub.add_parser("mesh", help="inspect a mesh")
+    msub = p.add_subparsers(dest="mesh_command", required=True)
+    s = msub.add_parser("status", help="print the peers and links of a mesh")
+    s.add_argument("url")
+    s.add_argument("--mesh", default="default")
+    s.add_argument("--secret", default=None)
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_mesh_status)
+
+    p = sub.add_parser("demo", help="a local mesh of peer processes exchanging calls and state, with a report")
+    p.add_argument("--peers", type=int, default=3)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("serve", help="serve the bundled model on a local mesh of peer processes, ask it a "
+                                     "question and print the allocation, the route, the answer and the speed")
+    p.add_argument("--peers", type=int, default=3)
+    p.add_argument("--model", default=None, help="model name or local folder (default: the bundled model)")
+    p.add_argument("--layers", help="fixed ranges, one per peer, e.g. 0:4,4:26,26:30 (default: the scheduler)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", choices=["int8", "nf4"])
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--api", action="store_true", help="keep serving an OpenAI-compatible API afterwards")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="bearer token the API requires")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("chat", help="chat with a served model through its OpenAI-compatible API")
+    p.add_argument("--url", default="http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--message", "-m", help="send one message and exit")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("bench", help="benchmarks that print JSON")
+    p.add_argument("what", choices=["transport", "nat", "serve"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * args.verbose,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    result = args.func(args)
+    if asyncio.iscoroutine(result):
+        try:
+            result = asyncio.run(result)
+        except KeyboardInterrupt:
+            return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

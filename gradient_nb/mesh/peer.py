@@ -1,0 +1,691 @@
+"""A mesh peer: joins a named mesh, keeps links to the peers it needs, offers and calls services.
+
+``await join(url)`` returns a :class:`Mesh`. Everything runs as tasks on the caller's event loop, owned
+by the ``Mesh`` and cancelled by :meth:`Mesh.leave`, so a notebook kernel keeps executing cells while
+the peer works.
+
+How the parts fit:
+- The rendezvous websocket carries signaling and the first state sync. Once the peer has links, both
+  travel over them too (signals are relayed by linked peers; the state syncs on every link), so the
+  mesh keeps working when the rendezvous goes away. The peer reconnects to it in the background.
+- A link is one WebRTC peer connection with an ``rpc`` channel (an :class:`RpcEndpoint`) and a
+  ``state`` channel (a pycrdt ``Provider``). A link is made on first use (``call`` to an unlinked
+  peer), and a joining peer links eagerly to a few others so the state has paths without the
+  rendezvous.
+- When both sides offer at once ("glare"), the offer from the lower peer id wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgpack
+from pycrdt import Provider
+
+from . import resources
+from .dht import Dht
+from .errors import JoinRefused, MeshError, PeerUnreachable, SignatureInvalid
+from .frames import Message
+from .ice import IceConfig
+from .identity import Identity
+from .link import Link, LinkFailed, answer_link, offer_link
+from .rendezvous import hello_signature_payload, secret_mac
+from .rpc import CallContext, RpcEndpoint, Services
+from .signaling import EnvelopeOpener, seal
+from .state import MeshState
+from .transport import LinkClosed, Transport
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 30.0
+RELAY_TTL = 3
+
+
+class _TransportChannel:
+    """A pycrdt ``Channel`` over a link's ``state`` transport."""
+
+    def __init__(self, transport: Transport, path: str) -> None:
+        self._t, self._path = transport, path
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def __aiter__(self) -> _TransportChannel:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._t.recv()
+        except LinkClosed:
+            raise StopAsyncIteration from None
+
+    async def recv(self) -> bytes:
+        return await self.__anext__()
+
+    async def send(self, message: bytes) -> None:
+        with contextlib.suppress(LinkClosed):
+            await self._t.send(message)
+
+
+class _RendezvousChannel:
+    """A pycrdt ``Channel`` for the Yjs messages multiplexed on the rendezvous websocket."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, path: str) -> None:
+        self._ws, self._path = ws, path
+        self.inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def __aiter__(self) -> _RendezvousChannel:
+        return self
+
+    async def __anext__(self) -> bytes:
+        item = await self.inbox.get()
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+    async def recv(self) -> bytes:
+        return await self.__anext__()
+
+    async def send(self, message: bytes) -> None:
+        if not self._ws.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self._ws.send_bytes(msgpack.packb({"t": "y", "data": bytes(message)}))
+
+
+@dataclass
+class PeerInfo:
+    """One live peer as the registry shows it."""
+
+    id: str
+    name: str
+    devices: list[dict[str, Any]]
+    free_memory_bytes: int
+    tflops: float
+    services: list[str]
+    links: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> PeerInfo:
+        known = {"peer_id", "name", "devices", "free_memory_bytes", "tflops", "services", "links", "seq", "ts"}
+        return cls(id=rec["peer_id"], name=str(rec.get("name", "")), devices=list(rec.get("devices", [])),
+                   free_memory_bytes=int(rec.get("free_memory_bytes", 0)), tflops=float(rec.get("tflops", 0)),
+                   services=list(rec.get("services", [])), links=list(rec.get("links", [])),
+                   extra={k: v for k, v in rec.items() if k not in known})
+
+
+@dataclass
+class _PeerLink:
+    link: Link
+    rpc: RpcEndpoint
+    provider_task: asyncio.Task | None = None
+
+
+class Mesh:
+    """A joined mesh, as seen from this peer. Create it with :func:`join`."""
+
+    def __init__(self, url: str, *, mesh: str, name: str, identity: Identity, secret: str | None,
+                 ice: IceConfig, heartbeat: float, peer_timeout: float, eager_links: int,
+                 probe_seconds: float, observe: bool = False) -> None:
+        self.url = url.rstrip("/").replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        self.mesh_name, self.name, self.identity = mesh, name, identity
+        self.id = identity.peer_id
+        self.secret, self.ice = secret, ice
+        self.heartbeat_interval, self.eager_links = heartbeat, eager_links
+        self.state = MeshState(identity, peer_timeout=peer_timeout)
+        self.services = Services()
+        self.resources: dict[str, Any] = {}
+        self.extra_record: dict[str, Any] = {}
+        self._probe_seconds = probe_seconds
+        self.observe = observe
+        self._room_provider: Provider | None = None
+        self._links: dict[str, _PeerLink] = {}
+        self._connecting: dict[str, asyncio.Future[_PeerLink]] = {}
+        self._offers: dict[str, tuple[str, asyncio.Future[dict]]] = {}  # peer -> (link id, answer future)
+        self._opener = EnvelopeOpener(mesh=mesh, me=self.id, secret=secret)
+        self._tasks: set[asyncio.Task] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._room_channel: _RendezvousChannel | None = None
+        self._rendezvous_peers: set[str] = set()
+        self._closed = False
+        self.rejected_signals = 0
+        # One row per link and per peer each heartbeat; bounded so a long-lived kernel doesn't grow.
+        self._link_history: deque[dict[str, Any]] = deque(maxlen=20000)
+        self._peer_history: deque[dict[str, Any]] = deque(maxlen=20000)
+        self.dht = Dht(_DhtNetwork(self), identity)
+        self.services.unary("mesh.relay", self._on_relay)
+        self.services.unary("mesh.ping", self._on_ping)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._log_crash)
+        return task
+
+    @staticmethod
+    def _log_crash(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _start(self) -> None:
+        if not self.observe:
+            self.resources = await asyncio.to_thread(resources.measure, None, self._probe_seconds)
+        self._session = aiohttp.ClientSession()
+        try:
+            await self._connect_rendezvous()
+        except BaseException:
+            await self._session.close()
+            raise
+        if self.observe:
+            return
+        self._publish()
+        await self.dht.start()
+        self._spawn(self._heartbeat_loop(), "mesh-heartbeat")
+        self._spawn(self._eager_link_loop(), "mesh-eager-links")
+
+    async def wait_synced(self, timeout: float = 10.0) -> None:
+        """Wait until the first state sync with the rendezvous room has completed."""
+        if self._room_provider is None:
+            raise MeshError("not connected to the rendezvous")
+        try:
+            await asyncio.wait_for(self._room_provider.synced.wait(), timeout)
+        except TimeoutError:
+            raise MeshError(f"no state sync from the rendezvous within {timeout:.0f} s") from None
+
+    async def leave(self) -> None:
+        """Leave cleanly: withdraw from the registry, close every link and task."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self.state.remove_self()
+            await asyncio.sleep(0.2)  # let the removal reach the other peers before the links close
+        with contextlib.suppress(Exception):
+            await self.dht.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for pid in list(self._links):
+            await self._drop_link(pid)
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+        if self._session is not None:
+            await self._session.close()
+
+    async def __aenter__(self) -> Mesh:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.leave()
+
+    # -- rendezvous ----------------------------------------------------------------------------
+    async def _connect_rendezvous(self) -> None:
+        assert self._session is not None
+        endpoint = f"{self.url}/mesh/{self.mesh_name}"
+        try:
+            ws = await self._session.ws_connect(endpoint, timeout=aiohttp.ClientWSTimeout(ws_close=5),
+                                                max_msg_size=4 << 20, heartbeat=15)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise JoinRefused(f"cannot reach the rendezvous at {self.url}: {exc}") from None
+        try:
+            challenge = await self._ws_receive(ws, 10)
+            if challenge.get("t") != "challenge" or not isinstance(challenge.get("nonce"), bytes):
+                raise JoinRefused(f"{self.url} is not a gradient-nb rendezvous")
+            nonce = challenge["nonce"]
+            hello = {"t": "hello", "peer_id": self.id, "key": self.identity.public_key, "name": self.name,
+                     "sig": self.identity.sign(hello_signature_payload(self.mesh_name, nonce))}
+            if self.secret:
+                hello["mac"] = secret_mac(self.secret, nonce)
+            elif challenge.get("secret_required"):
+                raise JoinRefused(f"mesh {self.mesh_name!r} at {self.url} requires a join secret")
+            await ws.send_bytes(msgpack.packb(hello))
+            reply = await self._ws_receive(ws, 10)
+            if reply.get("t") == "error":
+                raise JoinRefused(f"the rendezvous refused to join: {reply.get('message')}")
+            if reply.get("t") != "welcome":
+                raise JoinRefused("unexpected reply from the rendezvous")
+        except BaseException:
+            await ws.close()
+            raise
+        self._ws = ws
+        self._rendezvous_peers = {p for p in reply.get("peers", []) if isinstance(p, str)}
+        for pid in self._rendezvous_peers:
+            self.dht.add_contact(pid)
+        self._room_channel = _RendezvousChannel(ws, f"rendezvous/{self.mesh_name}")
+        provider = self._room_provider = Provider(self.state.doc, self._room_channel)
+        provider_task = self._spawn(provider.start(), "mesh-rendezvous-sync")
+        self._spawn(self._rendezvous_reader(ws, provider_task), "mesh-rendezvous-reader")
+
+    @staticmethod
+    async def _ws_receive(ws: aiohttp.ClientWebSocketResponse, timeout: float) -> dict[str, Any]:
+        msg = await ws.receive(timeout=timeout)
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            raise JoinRefused(f"the rendezvous closed the connection ({msg.type.name})")
+        data = msgpack.unpackb(msg.data, raw=False)
+        if not isinstance(data, dict):
+            raise JoinRefused("malformed message from the rendezvous")
+        return data
+
+    async def _rendezvous_reader(self, ws: aiohttp.ClientWebSocketResponse, provider_task: asyncio.Task) -> None:
+        channel = self._room_channel
+        try:
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    continue
+                try:
+                    m = msgpack.unpackb(msg.data, raw=False)
+                except (ValueError, msgpack.UnpackException):
+                    continue
+                if not isinstance(m, dict):
+                    continue
+                kind = m.get("t")
+                if kind == "y" and isinstance(m.get("data"), bytes) and channel is not None:
+                    channel.inbox.put_nowait(m["data"])
+                elif kind == "signal" and isinstance(m.get("env"), bytes):
+                    self._spawn(self._on_signal(m["env"]), "mesh-signal")
+                elif kind == "joined" and isinstance(m.get("peer"), str):
+                    self._rendezvous_peers.add(m["peer"])
+                    self.dht.add_contact(m["peer"])
+                elif kind == "left" and isinstance(m.get("peer"), str):
+                    self._rendezvous_peers.discard(m["peer"])
+                elif kind == "signal-error":
+                    fut = self._offers.get(str(m.get("to")))
+                    if fut is not None and not fut[1].done():
+                        fut[1].set_exception(PeerUnreachable(str(m.get("message"))))
+        finally:
+            if channel is not None:
+                channel.inbox.put_nowait(None)
+            provider_task.cancel()
+            if self._ws is ws:
+                self._ws = None
+            if not self._closed:
+                log.info("lost the rendezvous at %s; the mesh goes on over its links", self.url)
+                self._spawn(self._reconnect_rendezvous(), "mesh-rendezvous-reconnect")
+
+    async def _reconnect_rendezvous(self) -> None:
+        delay = 1.0
+        while not self._closed and self._ws is None:
+            await asyncio.sleep(delay)
+            try:
+                await self._connect_rendezvous()
+                log.info("reconnected to the rendezvous at %s", self.url)
+                return
+            except JoinRefused:
+                delay = min(delay * 2, 30.0)
+
+    @property
+    def rendezvous_connected(self) -> bool:
+        return self._ws is not None and not self._ws.closed
+
+    # -- signaling -----------------------------------------------------------------------------
+    async def _send_signal(self, to: str, kind: str, body: dict[str, Any]) -> None:
+        env = seal(self.identity, mesh=self.mesh_name, to=to, kind=kind, body=body, secret=self.secret)
+        if self._ws is not None and not self._ws.closed and to in self._rendezvous_peers:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self._ws.send_bytes(msgpack.packb({"t": "signal", "to": to, "env": env}))
+                return
+        await self._relay_signal(to, env, RELAY_TTL)
+
+    def _relays_toward(self, to: str) -> list[str]:
+        """Linked peers, those that say they have a link to ``to`` first."""
+        linked = [p for p in self._links if p != to]
+        direct = []
+        for pid, rec in self.state.peers().items():
+            if pid in linked and any(lk.get("peer") == to for lk in rec.get("links", [])):
+                direct.append(pid)
+        return direct + [p for p in linked if p not in direct]
+
+    async def _relay_signal(self, to: str, env: bytes, ttl: int) -> None:
+        if to in self._links:
+            await self._links[to].rpc.call("mesh.relay", Message({"to": to, "env": env, "ttl": 0}), timeout=10)
+            return
+        if ttl <= 0:
+            raise PeerUnreachable(f"no path to peer {to[:8]} for signaling")
+        errors = []
+        for relay in self._relays_toward(to)[:3]:
+            try:
+                await self._links[relay].rpc.call("mesh.relay", Message({"to": to, "env": env, "ttl": ttl - 1}),
+                                                  timeout=10)
+                return
+            except (MeshError, KeyError, TimeoutError) as exc:
+                errors.append(f"{relay[:8]}: {exc}")
+        raise PeerUnreachable(f"cannot reach peer {to[:8]} for signaling: the rendezvous is gone and no "
+                              f"linked peer could relay ({'; '.join(errors) or 'no links'})")
+
+    async def _on_relay(self, msg: Message, ctx: CallContext) -> Message:
+        to, env, ttl = msg.header.get("to"), msg.header.get("env"), msg.header.get("ttl", 0)
+        if not isinstance(to, str) or not isinstance(env, bytes) or not isinstance(ttl, int):
+            raise ValueError("mesh.relay needs to, env and ttl")
+        if to == self.id:
+            self._spawn(self._on_signal(env), "mesh-signal")
+        else:
+            await self._relay_signal(to, env, min(ttl, RELAY_TTL))
+        return Message({"ok": True})
+
+    async def _on_ping(self, msg: Message, ctx: CallContext) -> Message:
+        return Message({"t": time.time()}, dict(msg.tensors))
+
+    async def _on_signal(self, env: bytes) -> None:
+        try:
+            sig = self._opener.open(env)
+        except (SignatureInvalid, JoinRefused) as exc:
+            self.rejected_signals += 1
+            log.warning("rejected a signaling message: %s", exc)
+            return
+        sender, kind, body = sig["from"], sig["kind"], sig["body"]
+        if kind == "offer":
+            await self._on_offer(sender, body)
+        elif kind in ("answer", "reject"):
+            pending = self._offers.get(sender)
+            if pending is not None and pending[0] == body.get("link") and not pending[1].done():
+                pending[1].set_result(dict(body, kind=kind))
+
+    async def _on_offer(self, sender: str, body: dict[str, Any]) -> None:
+        link_id, sdp = body.get("link"), body.get("sdp")
+        if not isinstance(link_id, str) or not isinstance(sdp, str):
+            return
+        if sender in self._offers and self.id < sender:
+            # Glare: both sides offered; the lower id's offer wins and the other side answers it.
+            await self._send_signal(sender, "reject", {"link": link_id, "reason": "glare"})
+            return
+        pending = self._offers.pop(sender, None)
+        if pending is not None and not pending[1].done():
+            pending[1].set_result({"kind": "reject", "reason": "glare"})
+        link = None
+        old = self._links.get(sender)
+        if old is not None:
+            # The other side offered again, so it lost its end of our link (e.g. it restarted).
+            await self._drop_link(sender)
+        try:
+            link, answer = await answer_link(sender, self.ice, sdp)
+            await self._send_signal(sender, "answer", {"link": link_id, "sdp": answer})
+            await link.wait_connected(CONNECT_TIMEOUT)
+        except (LinkFailed, MeshError, TimeoutError) as exc:
+            log.warning("link from %s failed: %s", sender[:8], exc)
+            if link is not None:
+                with contextlib.suppress(Exception):
+                    await link.close()
+            return
+        await self._register_link(sender, link)
+
+    # -- links ---------------------------------------------------------------------------------
+    async def _register_link(self, peer_id: str, link: Link) -> _PeerLink:
+        rpc = RpcEndpoint(link.transports["rpc"], self.services, remote_id=peer_id)
+        await rpc.start()
+        pl = _PeerLink(link, rpc)
+        provider = Provider(self.state.doc, _TransportChannel(link.transports["state"], f"link/{peer_id}"))
+        pl.provider_task = self._spawn(provider.start(), f"mesh-sync-{peer_id[:8]}")
+        self._links[peer_id] = pl
+        link.on_close.append(lambda: self._on_link_closed(peer_id, link))
+        fut = self._connecting.pop(peer_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(pl)
+        self.dht.add_contact(peer_id)
+        log.info("linked to %s (%s)", peer_id[:8], link.stats().remote_candidate_type)
+        return pl
+
+    def _on_link_closed(self, peer_id: str, link: Link) -> None:
+        pl = self._links.get(peer_id)
+        if pl is not None and pl.link is link and not self._closed:
+            self._spawn(self._drop_link(peer_id), f"mesh-unlink-{peer_id[:8]}")
+
+    async def _drop_link(self, peer_id: str) -> None:
+        pl = self._links.pop(peer_id, None)
+        if pl is None:
+            return
+        if pl.provider_task is not None:
+            pl.provider_task.cancel()
+        await pl.rpc.close()
+        await pl.link.close()
+
+    async def _offer_to(self, peer_id: str) -> None:
+        link_id = secrets.token_hex(8)
+        answer_fut: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+        self._offers[peer_id] = (link_id, answer_fut)
+        pending = None
+        try:
+            pending, sdp = await offer_link(peer_id, self.ice)
+            await self._send_signal(peer_id, "offer", {"link": link_id, "sdp": sdp})
+            reply = await asyncio.wait_for(answer_fut, CONNECT_TIMEOUT)
+            if reply["kind"] == "reject":
+                await pending.close()
+                return  # glare: the other side's offer makes the link and resolves _connecting
+            link = await pending.complete(reply["sdp"])
+            pending = None
+            try:
+                await link.wait_connected(CONNECT_TIMEOUT)
+            except BaseException:
+                await link.close()
+                raise
+            await self._register_link(peer_id, link)
+        except (LinkFailed, MeshError, TimeoutError) as exc:
+            fut = self._connecting.pop(peer_id, None)
+            if fut is not None and not fut.done():
+                err = exc if isinstance(exc, MeshError) else PeerUnreachable(
+                    f"cannot link to peer {peer_id[:8]}: {str(exc) or type(exc).__name__}")
+                fut.set_exception(err)
+        finally:
+            if self._offers.get(peer_id, (None,))[0] == link_id:
+                del self._offers[peer_id]
+            if pending is not None:
+                with contextlib.suppress(Exception):
+                    await pending.close()
+
+    async def connect(self, peer_id: str, timeout: float = CONNECT_TIMEOUT) -> None:
+        """Make sure a link to ``peer_id`` exists (made on demand by :meth:`call` too)."""
+        await self._link_to(peer_id, timeout)
+
+    async def _link_to(self, peer_id: str, timeout: float) -> _PeerLink:
+        if peer_id == self.id:
+            raise ValueError("a peer cannot link to itself")
+        pl = self._links.get(peer_id)
+        if pl is not None and not pl.link.closed:
+            return pl
+        fut = self._connecting.get(peer_id)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._connecting[peer_id] = fut
+            self._spawn(self._offer_to(peer_id), f"mesh-offer-{peer_id[:8]}")
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            raise PeerUnreachable(f"no link to peer {peer_id[:8]} after {timeout:.0f} s") from None
+
+    # -- services and calls --------------------------------------------------------------------
+    def offer(self, method: str, handler: Callable[..., Any], *, streaming: bool = False) -> None:
+        """Serve ``method`` to the mesh. ``handler(message, ctx)`` returns a Message (or, with
+        ``streaming=True``, is an async generator of Messages). The service is listed in the registry."""
+        if streaming:
+            self.services.streaming(method, handler)
+        else:
+            self.services.unary(method, handler)
+        self._publish()
+
+    def withdraw(self, method: str) -> None:
+        self.services.remove(method)
+        self._publish()
+
+    async def call(self, peer_id: str, method: str, message: Message | None = None, *,
+                   timeout: float = 30.0) -> Message:
+        """Call ``method`` on ``peer_id``; remote failures arrive as typed ``MeshError``s."""
+        pl = await self._link_to(peer_id, min(timeout, CONNECT_TIMEOUT))
+        return await pl.rpc.call(method, message, timeout=timeout)
+
+    async def stream(self, peer_id: str, method: str, message: Message | None = None, *,
+                     timeout: float = 30.0) -> AsyncIterator[Message]:
+        """Stream the replies of a streaming ``method`` on ``peer_id``. Breaking out of the loop
+        cancels the call on the far side."""
+        pl = await self._link_to(peer_id, min(timeout, CONNECT_TIMEOUT))
+        agen = pl.rpc.stream(method, message, timeout=timeout)
+        try:
+            async for item in agen:
+                yield item
+        finally:
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    # -- registry ------------------------------------------------------------------------------
+    def peers(self) -> list[PeerInfo]:
+        """The live peers of the mesh, this one included, by name."""
+        return sorted((PeerInfo.from_record(r) for r in self.state.peers().values()),
+                      key=lambda p: (p.name, p.id))
+
+    def providers(self, service: str) -> list[PeerInfo]:
+        """Live peers that offer ``service``."""
+        return [p for p in self.peers() if service in p.services]
+
+    def links(self) -> dict[str, dict[str, Any]]:
+        """This peer's links by remote peer id: candidate types, relay or not, RTT, bytes moved."""
+        out = {}
+        for pid, pl in self._links.items():
+            s = pl.link.stats()
+            out[pid] = {"peer": pid, "type": s.remote_candidate_type, "local_type": s.local_candidate_type,
+                        "relayed": bool(s.relayed), "rtt_ms": s.rtt_ms, "bytes_sent": s.bytes_sent,
+                        "bytes_received": s.bytes_received}
+        return out
+
+    def publish(self, **fields: Any) -> None:
+        """Add fields to this peer's registry record (e.g. the layers it serves)."""
+        self.extra_record.update(fields)
+        self._publish()
+
+    def _publish(self) -> None:
+        if self._closed or self.observe:
+            return
+        rec = dict(self.extra_record)
+        rec.update(name=self.name, services=self.services.names(), links=list(self.links().values()),
+                   **self.resources)
+        self.state.heartbeat(rec)
+
+    def _record_metrics(self) -> None:
+        now = time.time()
+        for pid, lk in self.links().items():
+            self._link_history.append({"time": now, "peer": pid, "type": lk["type"], "relayed": lk["relayed"],
+                                       "rtt_ms": lk["rtt_ms"], "bytes_sent": lk["bytes_sent"],
+                                       "bytes_received": lk["bytes_received"]})
+        for p in self.peers():
+            stats = p.extra.get("serving_stats") or {}
+            layers = p.extra.get("layers") or [None, None]
+            self._peer_history.append({"time": now, "peer": p.id, "name": p.name, "tflops": p.tflops,
+                                       "free_memory_bytes": p.free_memory_bytes, "links": len(p.links),
+                                       "layer_start": layers[0], "layer_end": layers[1],
+                                       "served_tokens": stats.get("served_tokens", 0),
+                                       "queue": stats.get("queue", 0),
+                                       "latency_ms": stats.get("latency_ms")})
+
+    def metrics(self, kind: str = "peers") -> Any:
+        """Metrics history as a polars DataFrame: ``"peers"`` (one row per peer per heartbeat: compute,
+        memory, layers, tokens served, queue, latency) or ``"links"`` (this peer's links: type, RTT, bytes)."""
+        import polars as pl
+
+        if kind not in ("peers", "links"):
+            raise ValueError("kind is 'peers' or 'links'")
+        rows = list(self._peer_history if kind == "peers" else self._link_history)
+        return pl.DataFrame(rows, infer_schema_length=None)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            self._publish()
+            self._record_metrics()
+            for gone in self.state.refresh():
+                log.info("peer %s stopped heartbeating; dropped from the registry", gone[:8])
+                self.dht.remove_contact(gone)
+                if gone in self._links:
+                    await self._drop_link(gone)
+
+    async def _eager_link_loop(self) -> None:
+        """Keep a few links so that state and signaling have paths that avoid the rendezvous."""
+        await asyncio.sleep(0.5)
+        while True:
+            candidates = (set(self.state.peers()) | self._rendezvous_peers) - set(self._links) - {self.id}
+            want = self.eager_links - len(self._links)
+            # Only the lower id of a pair starts an eager link, so two joiners don't both offer.
+            chosen = [p for p in candidates if p > self.id]
+            random.shuffle(chosen)
+            for pid in chosen[:max(want, 0)]:
+                if pid not in self._connecting:
+                    self._spawn(self._quiet_link(pid), f"mesh-eager-{pid[:8]}")
+            await asyncio.sleep(2.0)
+
+    async def _quiet_link(self, peer_id: str) -> None:
+        with contextlib.suppress(MeshError, TimeoutError):
+            await self._link_to(peer_id, CONNECT_TIMEOUT)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The mesh as plain data, for widgets and the JupyterLab panel."""
+        peers = []
+        links = {}
+        for p in self.peers():
+            peers.append({"id": p.id, "name": p.name, "devices": p.devices, "free_memory_bytes":
+                          p.free_memory_bytes, "tflops": p.tflops, "services": p.services,
+                          "layers": p.extra.get("layers"), "self": p.id == self.id})
+            for lk in p.links:
+                a, b = sorted((p.id, str(lk.get("peer"))))
+                links.setdefault((a, b), {"a": a, "b": b, "type": lk.get("type"), "relayed": lk.get("relayed"),
+                                          "rtt_ms": lk.get("rtt_ms"), "bytes_sent": lk.get("bytes_sent", 0),
+                                          "bytes_received": lk.get("bytes_received", 0)})
+        return {"joined": not self._closed, "mesh": self.mesh_name, "self": self.id, "rendezvous": self.url,
+                "rendezvous_connected": self.rendezvous_connected, "peers": peers, "links": list(links.values())}
+
+
+class _DhtNetwork:
+    """The DHT's view of the mesh: calls by peer id over (on-demand) links."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+        self.local_id = mesh.id
+
+    async def call(self, peer_id: str, method: str, header: dict, timeout: float) -> dict:
+        reply = await self._mesh.call(peer_id, method, Message(header), timeout=timeout)
+        return reply.header
+
+    def serve(self, method: str, handler: Callable[[str, dict], Awaitable[dict]]) -> None:
+        async def unary(msg: Message, ctx: CallContext) -> Message:
+            return Message(await handler(ctx.peer_id, msg.header))
+
+        self._mesh.services.unary(method, unary)
+
+
+async def join(url: str, *, mesh: str = "default", name: str | None = None, secret: str | None = None,
+               identity: Identity | None = None, ice: IceConfig | None = None, heartbeat: float = 2.0,
+               peer_timeout: float = 10.0, eager_links: int = 4, probe_seconds: float = 0.25,
+               observe: bool = False) -> Mesh:
+    """Join the mesh ``mesh`` introduced by the rendezvous at ``url`` (``ws://host:port``).
+
+    ``identity`` defaults to the user's persistent key; pass ``Identity.generate()`` for a throwaway one.
+    ``ice`` names the STUN/TURN servers links may use; none by default (same host or LAN only).
+    ``observe=True`` only reads the state: nothing is published and no links are made.
+    Raises :class:`JoinRefused` with the reason when the rendezvous is unreachable or refuses.
+    """
+    identity = identity or Identity.load_or_create()
+    m = Mesh(url, mesh=mesh, name=name or f"peer-{identity.peer_id[:6]}", identity=identity, secret=secret,
+             ice=ice or IceConfig(), heartbeat=heartbeat, peer_timeout=peer_timeout, eager_links=eager_links,
+             probe_seconds=probe_seconds, observe=observe)
+    try:
+        await m._start()
+    except BaseException:
+        await m.leave()
+        raise
+    return m

@@ -189,7 +189,8 @@ def explain_failure(local: IceConfig, local_candidates: Iterable[Any], remote_ca
         return {c.type for c in cands}
 
     def public(cands: list[Any]) -> bool:
-        return any(c.type == "host" and ipaddress.ip_address(_host(c)).is_global for c in cands)
+        # Not in a private/link-local range; documentation ranges count as public (the NAT lab).
+        return any(c.type == "host" and not _non_relayable(_host(c)) for c in cands)
 
     lt, rt = types(loc), types(rem)
     if "relay" in lt or "relay" in rt:
@@ -233,9 +234,10 @@ def explain_failure(local: IceConfig, local_candidates: Iterable[Any], remote_ca
 # answering ChannelBind with 438, then 400), found in the NAT lab with coturn -v and aioice logs:
 #
 # 1. aioice pairs the local relayed candidate with every remote candidate, including the remote
-#    peer's private host address (10.x). Its relayed check makes coturn send to that address. The
-#    TURN server has no route there (in the lab; in production, servers hardened against SSRF
-#    route private ranges to "unreachable"/"prohibit"), so coturn's sendto() fails with ENETUNREACH.
+#    peer's private host address (10.x). Its relayed check makes coturn send to that address. A
+#    TURN server with no route to that range (the lab's has only its public segment) fails the
+#    sendto() with ENETUNREACH. (Silently dropped sends, and ICMP port unreachable, are harmless:
+#    checked in the lab by sending through an allocation.)
 # 2. coturn 4.6 then treats the relay socket as broken: the next packet that arrives on it (the
 #    remote peer's relayed check, i.e. exactly the traffic that would have connected the link)
 #    closes the whole allocation ("closed (2nd stage) ... reason: general", peer usage sp=0).
@@ -261,7 +263,7 @@ def explain_failure(local: IceConfig, local_candidates: Iterable[Any], remote_ca
 _NON_RELAYABLE = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "127.0.0.0/8",
     "0.0.0.0/8", "fc00::/7", "fe80::/10", "::1/128"))
-_PATCHED_AIOICE = ((0, 9), (0, 13))  # versions whose pairing code this was checked against
+_PATCHED_AIOICE = ((0, 13), (0, 13))  # versions whose pairing and check code this was checked against
 _FIXES_INSTALLED = False
 RELAY_GRACE = 1.0
 
@@ -315,9 +317,12 @@ def install_aioice_fixes() -> bool:
             aioice_ice.CandidatePair.State.IN_PROGRESS)
 
     async def check_start(self: Any, pair: Any) -> None:
+        loop = asyncio.get_running_loop()
+        started = self.__dict__.setdefault("_gnb_checks_started", loop.time())
         if self.ice_controlling and "relay" in (pair.local_candidate.type, pair.remote_candidate.type):
-            loop = asyncio.get_running_loop()
-            started = self.__dict__.setdefault("_gnb_checks_started", loop.time())
+            # In progress while held back, or aioice's pacer would keep picking this pair and
+            # start no other.
+            self.check_state(pair, aioice_ice.CandidatePair.State.IN_PROGRESS)
             # Polled: aioice has no event for pair state changes.
             while loop.time() < started + RELAY_GRACE and not self._check_list_done and any(  # noqa: ASYNC110
                     p.state in live and "relay" not in (p.local_candidate.type, p.remote_candidate.type)

@@ -504,6 +504,8 @@ class Mesh:
         fut = self._connecting.get(peer_id)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
+            # Eager links may fail with nobody waiting; that is logged where it happens, not here.
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._connecting[peer_id] = fut
             self._spawn(self._offer_to(peer_id), f"mesh-offer-{peer_id[:8]}")
         try:

@@ -14,6 +14,7 @@ leftovers of long-gone peers in the room for live ones.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -57,6 +58,7 @@ class MeshState:
         self._heard: dict[str, tuple[int, float]] = {}
         self._watchers: list[Callable[[set[str]], None]] = []
         self._subscription = None
+        self._notify_pending = False
 
     # -- writing -------------------------------------------------------------------------------
     def _map(self, namespace: str) -> Map:
@@ -198,6 +200,19 @@ class MeshState:
         return unsubscribe
 
     def _on_transaction(self, event: Any) -> None:
+        # The document is locked while its observers run: watchers are called right after, on the
+        # loop, once per burst of transactions.
+        if self._notify_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._notify_pending = True
+        loop.call_soon(self._notify)
+
+    def _notify(self) -> None:
+        self._notify_pending = False
         for cb in list(self._watchers):
             try:
                 cb(set(self.doc.keys()))

@@ -13,11 +13,11 @@ import time
 import msgpack
 import pytest
 import torch
+
+from gradient_nb.mesh.demo import read_event, wait_for_peers
 from gradient_nb.mesh.errors import JoinRefused, MeshError
 from gradient_nb.mesh.frames import Message
 from gradient_nb.mesh.identity import Identity, sign_record
-
-from gradient_nb.mesh.demo import read_event, wait_for_peers
 from gradient_nb.mesh.peer import join
 from tests.conftest import HEARTBEAT, PEER_TIMEOUT
 

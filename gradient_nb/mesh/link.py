@@ -1,0 +1,833 @@
+"""WebRTC links between peers: one aiortc ``RTCPeerConnection`` carrying message transports.
+
+A link is made by plain offer/answer (aiortc gathers every candidate before
+``setLocalDescription`` returns, so the SDP carries them all: no trickle). Every link has the data
+channels in :data:`CHANNELS`, created ``negotiated=True`` with fixed stream ids on both sides, so
+neither side waits for an ``ondatachannel`` event or a DCEP round trip, plus one private control
+channel (``_link``) for the link's own business: a hello that agrees on the bulk tuning and small
+pings that measure the round-trip time.
+
+Each channel is wrapped in a :class:`~gradient_nb.mesh.transport.Transport` that
+
+- chunks messages into data-channel messages no larger than the remote SCTP ``max-message-size``
+  (aiortc says 262144, RFC 8841 peers that say nothing mean 65536) and reassembles them into a
+  bounded buffer (``max_message_size``; a larger message is refused and skipped, the link stays up);
+- keeps memory bounded on both ends: the sender waits on ``bufferedAmount`` (the
+  ``bufferedamountlow`` event) before queueing more, and a credit window (bytes the receiver's
+  application has not taken with ``recv`` yet) stops a fast sender from piling messages up in a
+  slow receiver. The credit is needed because aiortc's SCTP sender ignores the peer's advertised
+  receive window and its receiver hands every message up at once.
+
+Bulk throughput and :func:`tune_sctp` are explained beside that function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import socket
+import struct
+import time
+import types
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiortc
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import rtcsctptransport as _sctp_mod
+
+from .ice import IceConfig
+from .transport import LinkClosed, Transport
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("rpc", "state")
+_CONTROL = "_link"
+# Fixed SCTP stream ids for the negotiated channels: the same on both sides by construction.
+_CHANNEL_IDS = {"rpc": 0, "state": 1, _CONTROL: 2}
+
+DEFAULT_MAX_MESSAGE_SIZE = 64 << 20
+# Bytes a receiver may hold that its application has not taken yet (plus one message in flight).
+DEFAULT_CREDIT_WINDOW = 8 << 20
+# The sender queues at most this much in aiortc (bufferedAmount) before it waits.
+_BUFFER_HIGH = 1 << 20
+_BUFFER_LOW = 256 << 10
+# A data-channel message never exceeds this, whatever the remote allows: aiortc's own limit.
+_CHUNK_CAP = 262144
+
+# Fragment header: one flag byte; the first fragment carries the whole message's length (u64).
+_F_FIRST, _F_LAST, _F_CREDIT = 0x01, 0x02, 0x80
+_U64 = struct.Struct("!Q")
+
+_PING_INTERVAL = 10.0
+
+
+class LinkFailed(ConnectionError):
+    """The link could not be established or broke; the message carries the ICE details."""
+
+
+# --------------------------------------------------------------------------------------------
+# transports over data channels
+
+
+class _ChannelTransport:
+    """A :class:`Transport` over one ordered, reliable RTCDataChannel."""
+
+    def __init__(self, link: Link, channel: Any, *, max_message_size: int, credit_window: int) -> None:
+        self.label: str = channel.label
+        self.max_message_size = max_message_size
+        self._link = link
+        self._channel = channel
+        self._window = credit_window
+        self._closed = False
+        self._inbox: deque[bytes] = deque()
+        self._inbox_bytes = 0
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()  # set while bufferedAmount is low
+        self._writable.set()
+        self._credit_changed = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._unacked = 0  # bytes sent that the receiver's application has not taken yet
+        self._consumed = 0  # bytes our application took that we have not credited back yet
+        # reassembly of one incoming message
+        self._partial: bytearray | None = None
+        self._partial_total = 0
+        self._skipping = False
+        self.refused_messages = 0  # oversized incoming messages skipped
+        channel.bufferedAmountLowThreshold = _BUFFER_LOW
+        channel.on("bufferedamountlow", self._writable.set)
+        channel.on("message", self._on_message)
+        channel.on("close", self._on_channel_close)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- sending ------------------------------------------------------------------------------
+    def _chunk_size(self) -> int:
+        remote = self._link._remote_max_message_size()
+        limit = _CHUNK_CAP if not remote else min(remote, _CHUNK_CAP)
+        return limit - 1 - _U64.size
+
+    async def send(self, data: bytes) -> None:
+        if self._closed:
+            raise LinkClosed(f"link to {self._link.remote_id[:8]} closed ({self.label})")
+        n = len(data)
+        if n > self.max_message_size:
+            raise ValueError(f"message of {n} bytes exceeds {self.max_message_size}")
+        view = memoryview(data)
+        async with self._send_lock:
+            # A message starts only inside the credit window, but once started it is sent whole:
+            # the receiver can only give credit back for messages it has completed.
+            while self._unacked >= self._window:
+                self._credit_changed.clear()
+                await self._wait(self._credit_changed)
+            self._unacked += n + 16
+            step = self._chunk_size()
+            pos = 0
+            first = True
+            while True:
+                piece = view[pos : pos + step]
+                pos += len(piece)
+                flags = (_F_FIRST if first else 0) | (_F_LAST if pos >= n else 0)
+                head = bytes((flags,)) + (_U64.pack(n) if first else b"")
+                while self._channel.bufferedAmount > _BUFFER_HIGH:
+                    self._writable.clear()
+                    if self._channel.bufferedAmount <= _BUFFER_HIGH:
+                        break
+                    await self._wait(self._writable)
+                self._channel_send(head + piece)
+                first = False
+                if pos >= n:
+                    break
+
+    def _channel_send(self, frame: bytes) -> None:
+        if self._closed or self._channel.readyState != "open":
+            self._mark_closed()
+            raise LinkClosed(f"link to {self._link.remote_id[:8]} closed ({self.label})")
+        try:
+            self._channel.send(frame)
+        except Exception as exc:  # aiortc raises InvalidStateError once the channel is closing
+            self._mark_closed()
+            raise LinkClosed(f"link to {self._link.remote_id[:8]} closed ({self.label}): {exc}") from exc
+
+    async def _wait(self, event: asyncio.Event) -> None:
+        # A wake-up each second re-checks the link, so a send never hangs on a dead link.
+        while not event.is_set():
+            if self._closed:
+                raise LinkClosed(f"link to {self._link.remote_id[:8]} closed ({self.label})")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), 1.0)
+        if self._closed:
+            raise LinkClosed(f"link to {self._link.remote_id[:8]} closed ({self.label})")
+
+    # -- receiving ----------------------------------------------------------------------------
+    def _on_message(self, frame: bytes | str) -> None:
+        if isinstance(frame, str) or not frame:
+            return  # not ours: our frames are binary and never empty
+        flags = frame[0]
+        if flags & _F_CREDIT:
+            if len(frame) == 1 + _U64.size:
+                self._unacked = max(0, self._unacked - _U64.unpack_from(frame, 1)[0])
+                self._credit_changed.set()
+            return
+        body = memoryview(frame)[1:]
+        if flags & _F_FIRST:
+            if len(body) < _U64.size:
+                return
+            total = _U64.unpack_from(body)[0]
+            body = body[_U64.size :]
+            self._partial = None
+            self._skipping = total > self.max_message_size
+            if self._skipping:
+                self.refused_messages += 1
+                log.warning("link %s/%s: refused a %d-byte message (limit %d)", self._link.remote_id[:8],
+                            self.label, total, self.max_message_size)
+                # Credit it back at once, or the sender would wait forever on bytes nobody will take.
+                self._give_credit(total + 16)
+            else:
+                self._partial = bytearray()
+                self._partial_total = total
+        if self._skipping:
+            if flags & _F_LAST:
+                self._skipping = False
+            return
+        if self._partial is None:
+            return  # a fragment without a start: ignore
+        if len(self._partial) + len(body) > self._partial_total:
+            log.warning("link %s/%s: fragment overruns its message; dropped", self._link.remote_id[:8], self.label)
+            self._partial = None
+            return
+        self._partial += body
+        if flags & _F_LAST:
+            msg, self._partial = bytes(self._partial), None
+            if len(msg) != self._partial_total:
+                log.warning("link %s/%s: short message dropped", self._link.remote_id[:8], self.label)
+                self._give_credit(self._partial_total + 16)
+                return
+            self._inbox.append(msg)
+            self._inbox_bytes += len(msg) + 16
+            if self._inbox_bytes > 2 * self._window + self.max_message_size:
+                # Only a peer that ignores the credit window gets here.
+                log.warning("link %s/%s: peer overran the credit window; closing", self._link.remote_id[:8],
+                            self.label)
+                self._link._spawn_close()
+            self._readable.set()
+
+    def _give_credit(self, n: int) -> None:
+        # Credit goes back in batches of a quarter window, not per message: a small-message RPC
+        # would otherwise send a credit frame for every message. No deadlock: a blocked sender has
+        # a full window outstanding, so a reading application always crosses the threshold.
+        self._consumed += n
+        if self._consumed >= self._window // 4:
+            credit, self._consumed = self._consumed, 0
+            with contextlib.suppress(LinkClosed):
+                self._channel_send(bytes((_F_CREDIT,)) + _U64.pack(credit))
+
+    async def recv(self) -> bytes:
+        while not self._inbox:
+            if self._closed:
+                raise LinkClosed(f"link to {self._link.remote_id[:8]} closed ({self.label})")
+            self._readable.clear()
+            await self._readable.wait()
+        msg = self._inbox.popleft()
+        self._inbox_bytes -= len(msg) + 16
+        if not self._closed:
+            self._give_credit(len(msg) + 16)
+        return msg
+
+    # -- closing ------------------------------------------------------------------------------
+    def _on_channel_close(self) -> None:
+        self._mark_closed()
+        self._link._spawn_close()
+
+    def _mark_closed(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Wake every waiter so it sees the close.
+        self._readable.set()
+        self._writable.set()
+        self._credit_changed.set()
+
+    async def close(self) -> None:
+        """Closing one transport closes its link: a link's channels live and die together."""
+        await self._link.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the link
+
+
+@dataclass
+class LinkStats:
+    local_candidate_type: str | None
+    remote_candidate_type: str | None
+    relayed: bool
+    rtt_ms: float | None
+    bytes_sent: int
+    bytes_received: int
+    local_address: str | None
+    remote_address: str | None
+    state: str
+    tuned: bool = False
+    sctp_packet_bytes: int | None = None
+
+
+_FP_RE = re.compile(r"^a=fingerprint:(\S+)\s+([0-9A-Fa-f:]+)\s*$", re.MULTILINE)
+
+
+def sdp_fingerprints(sdp: str) -> list[str]:
+    """The DTLS certificate fingerprints in an SDP, as ``"sha-256 AB:CD:..."`` (sorted, unique)."""
+    return sorted({f"{algo.lower()} {value.upper()}" for algo, value in _FP_RE.findall(sdp)})
+
+
+class Link:
+    """One established (or establishing) WebRTC link to ``remote_id``."""
+
+    def __init__(self, remote_id: str, pc: RTCPeerConnection, *, tuning: SctpTuning | None,
+                 max_message_size: int, credit_window: int) -> None:
+        self.remote_id = remote_id
+        self.on_close: list[Callable[[], None]] = []
+        self._pc = pc
+        self._tuning = tuning
+        self._closed = False
+        self._close_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._local_sdp = ""
+        self._remote_sdp = ""
+        self._rtt_ms: float | None = None
+        self._pings: dict[int, float] = {}
+        self._ping_seq = 0
+        self._remote_hello: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+        self._packet_bytes: int | None = None
+        self._failed_reason: str | None = None
+        self._state_changed = asyncio.Event()
+        self._sack_timer: asyncio.TimerHandle | None = None
+        pc.on("connectionstatechange", self._on_state)
+        channels = {label: pc.createDataChannel(label, negotiated=True, id=_CHANNEL_IDS[label], ordered=True)
+                    for label in (*CHANNELS, _CONTROL)}
+        self._control = channels.pop(_CONTROL)
+        self._control.on("message", self._on_control)
+        self._control.on("open", self._send_hello)
+        self.transports: dict[str, Transport] = {
+            label: _ChannelTransport(self, ch, max_message_size=max_message_size, credit_window=credit_window)
+            for label, ch in channels.items()
+        }
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _on_state(self) -> None:
+        self._state_changed.set()
+        if self._pc.connectionState in ("failed", "closed"):
+            self._failed_reason = self._failed_reason or f"connection {self._pc.connectionState}"
+            self._spawn_close()
+
+    def _sctp_ready(self) -> bool:
+        sctp = self._pc.sctp
+        return (sctp is not None and sctp._association_state == _sctp_mod.RTCSctpTransport.State.ESTABLISHED
+                and all(t._channel.readyState == "open" for t in self.transports.values()))  # type: ignore[attr-defined]
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait until ICE, DTLS and SCTP are up and every channel is open.
+
+        Raises ``TimeoutError`` (with the ICE state in its message) after ``timeout`` seconds,
+        :class:`LinkFailed` if the connection fails or closes first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self._closed or self._pc.connectionState in ("failed", "closed"):
+                raise LinkFailed(f"link to {self.remote_id[:8]} failed: {self._failed_reason or 'closed'}; "
+                                 f"{self._ice_details()}")
+            if self._pc.connectionState == "connected" and self._sctp_ready():
+                break
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"link to {self.remote_id[:8]} not connected after {timeout:.1f} s; "
+                                   f"{self._ice_details()}")
+            self._state_changed.clear()
+            # SCTP and channel opening raise no peer-connection event: poll them, briefly.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._state_changed.wait(), min(left, 0.05))
+        # The hello agrees on the tuning before bulk data flows; an old peer that never answers
+        # just leaves the link untuned.
+        with contextlib.suppress(TimeoutError):
+            left = max(0.1, deadline - loop.time())
+            await asyncio.wait_for(asyncio.shield(self._remote_hello), min(left, 5.0))
+        if not any(t.get_name() == "link-ping" for t in self._tasks):
+            self._spawn(self._ping_loop(), "link-ping")
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _spawn_close(self) -> None:
+        if not self._closed and self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self.close(), name="link-close")
+
+    async def close(self) -> None:
+        if self._closed:
+            if self._close_task is not None and self._close_task is not asyncio.current_task():
+                await asyncio.shield(self._close_task)
+            return
+        self._closed = True
+        for t in self.transports.values():
+            t._mark_closed()  # type: ignore[attr-defined]
+        if self._sack_timer is not None:
+            self._sack_timer.cancel()
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        try:
+            await asyncio.wait_for(self._pc.close(), 5.0)
+        except Exception as exc:  # closing must not fail: the link is gone either way
+            log.debug("closing link to %s: %r", self.remote_id[:8], exc)
+        callbacks, self.on_close = self.on_close, []
+        for cb in callbacks:
+            try:
+                cb()
+            except Exception:
+                log.exception("link on_close callback failed")
+
+    # -- control channel: hello (tuning) and pings (RTT) ----------------------------------------
+    def _control_send(self, msg: dict) -> None:
+        if self._control.readyState == "open" and not self._closed:
+            with contextlib.suppress(Exception):
+                self._control.send(json.dumps(msg, separators=(",", ":")))
+
+    def _send_hello(self) -> None:
+        hello: dict[str, Any] = {"t": "hello", "v": 1}
+        if self._tuning is not None:
+            try:
+                self._tuning.prepare(self)
+                hello["tune"] = self._tuning.offer()
+            except Exception:  # aiortc internals moved: run untuned rather than fail the link
+                log.exception("link tuning unavailable; running untuned")
+                self._tuning = None
+        self._control_send(hello)
+
+    def _on_control(self, raw: bytes | str) -> None:
+        try:
+            msg = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return
+        if not isinstance(msg, dict):
+            return
+        kind = msg.get("t")
+        if kind == "ping" and isinstance(msg.get("n"), int):
+            self._control_send({"t": "pong", "n": msg["n"]})
+        elif kind == "pong" and isinstance(msg.get("n"), int):
+            sent = self._pings.pop(msg["n"], None)
+            if sent is not None:
+                self._rtt_ms = (time.perf_counter() - sent) * 1000.0
+        elif kind == "hello" and not self._remote_hello.done():
+            self._remote_hello.set_result(msg)
+            if self._tuning is not None:
+                try:
+                    self._packet_bytes = self._tuning.apply(self, msg.get("tune"))
+                except Exception:
+                    log.exception("link tuning failed; running untuned")
+
+    async def _ping_loop(self) -> None:
+        # RTT from a tiny ping on the control channel: aioice keeps no RTT for its candidate pairs.
+        while not self._closed:
+            self._ping_seq += 1
+            self._pings = {self._ping_seq: time.perf_counter()}  # only the latest ping counts
+            self._control_send({"t": "ping", "n": self._ping_seq})
+            await asyncio.sleep(_PING_INTERVAL if self._rtt_ms is not None else 0.2)
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """Measure the round-trip time now (ms)."""
+        self._ping_seq += 1
+        seq = self._ping_seq
+        self._pings[seq] = time.perf_counter()
+        self._control_send({"t": "ping", "n": seq})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while seq in self._pings:
+            if self._closed or loop.time() > deadline:
+                raise LinkFailed(f"no pong from {self.remote_id[:8]}")
+            await asyncio.sleep(0.001)
+        assert self._rtt_ms is not None
+        return self._rtt_ms
+
+    # -- introspection ------------------------------------------------------------------------
+    def _ice_connection(self) -> Any:
+        sctp = self._pc.sctp
+        if sctp is None:
+            return None
+        return sctp.transport.transport._connection
+
+    def _selected_pair(self) -> Any:
+        conn = self._ice_connection()
+        if conn is None:
+            return None
+        return conn._nominated.get(1)
+
+    def _ice_details(self) -> str:
+        conn = self._ice_connection()
+        if conn is None:
+            return "no ICE transport"
+        try:
+            local = ", ".join(f"{c.type} {c.host}:{c.port}" for c in conn.local_candidates) or "none"
+            remote = ", ".join(f"{c.type} {c.host}:{c.port}" for c in conn._remote_candidates) or "none"
+            pairs = ", ".join(f"{p.local_addr[0]}->{p.remote_addr[0]}:{p.remote_addr[1]} {p.state.name}"
+                              for p in conn._check_list) or "none"
+            return (f"ICE state {self._pc.iceConnectionState}, local candidates [{local}], "
+                    f"remote candidates [{remote}], pairs [{pairs}]")
+        except Exception as exc:  # aioice internals moved: say what we can
+            return f"ICE state {self._pc.iceConnectionState} ({exc!r})"
+
+    def _remote_max_message_size(self) -> int:
+        sctp = self._pc.sctp
+        return sctp._remote_max_message_size if sctp is not None else _sctp_mod.REMOTE_DEFAULT_MAX_MESSAGE_SIZE
+
+    def stats(self) -> LinkStats:
+        pair = self._selected_pair()
+        lt = rt = la = ra = None
+        if pair is not None:
+            lt, rt = pair.local_candidate.type, pair.remote_candidate.type
+            la = f"{pair.local_addr[0]}:{pair.local_addr[1]}"
+            ra = f"{pair.remote_addr[0]}:{pair.remote_addr[1]}"
+        sent = received = 0
+        sctp = self._pc.sctp
+        if sctp is not None:
+            with contextlib.suppress(Exception):
+                for s in sctp.transport._get_stats().values():
+                    sent, received = s.bytesSent, s.bytesReceived
+        return LinkStats(local_candidate_type=lt, remote_candidate_type=rt, relayed="relay" in (lt, rt),
+                         rtt_ms=self._rtt_ms, bytes_sent=sent, bytes_received=received, local_address=la,
+                         remote_address=ra, state="closed" if self._closed else self._pc.connectionState,
+                         tuned=self._packet_bytes is not None, sctp_packet_bytes=self._packet_bytes)
+
+    def local_fingerprints(self) -> list[str]:
+        return sdp_fingerprints(self._local_sdp)
+
+    def remote_fingerprints(self) -> list[str]:
+        return sdp_fingerprints(self._remote_sdp)
+
+
+class PendingLink:
+    """The offering side of a link, waiting for the answer."""
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+
+    async def complete(self, answer_sdp: str) -> Link:
+        link = self._link
+        try:
+            await link._pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
+        except Exception as exc:
+            await link.close()
+            raise LinkFailed(f"bad answer from {link.remote_id[:8]}: {exc}") from exc
+        link._remote_sdp = answer_sdp
+        return link
+
+    async def close(self) -> None:
+        await self._link.close()
+
+
+def _new_link(remote_id: str, ice: IceConfig, tuning: SctpTuning | bool | None, max_message_size: int,
+              credit_window: int) -> Link:
+    if tuning is True:
+        tuning = SctpTuning()
+    elif tuning is False:
+        tuning = None
+    pc = RTCPeerConnection(configuration=ice.to_rtc())
+    return Link(remote_id, pc, tuning=tuning, max_message_size=max_message_size, credit_window=credit_window)
+
+
+async def offer_link(remote_id: str, ice: IceConfig, *, tuning: SctpTuning | bool | None = True,
+                     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                     credit_window: int = DEFAULT_CREDIT_WINDOW) -> tuple[PendingLink, str]:
+    """Start a link: returns the pending link and the offer SDP (all candidates in it)."""
+    link = _new_link(remote_id, ice, tuning, max_message_size, credit_window)
+    try:
+        await link._pc.setLocalDescription(await link._pc.createOffer())
+    except BaseException:
+        await link.close()
+        raise
+    link._local_sdp = link._pc.localDescription.sdp
+    return PendingLink(link), link._local_sdp
+
+
+async def answer_link(remote_id: str, ice: IceConfig, offer_sdp: str, *,
+                      tuning: SctpTuning | bool | None = True, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                      credit_window: int = DEFAULT_CREDIT_WINDOW) -> tuple[Link, str]:
+    """Answer an offer: returns the link (connecting; see :meth:`Link.wait_connected`) and the answer SDP."""
+    link = _new_link(remote_id, ice, tuning, max_message_size, credit_window)
+    try:
+        await link._pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        link._remote_sdp = offer_sdp
+        await link._pc.setLocalDescription(await link._pc.createAnswer())
+    except Exception as exc:
+        await link.close()
+        raise LinkFailed(f"bad offer from {remote_id[:8]}: {exc}") from exc
+    link._local_sdp = link._pc.localDescription.sdp
+    return link, link._local_sdp
+
+
+# --------------------------------------------------------------------------------------------
+# bulk tuning
+#
+# Where the time goes (aiortc 1.16, measured with cProfile between two processes on one host): the
+# pipeline is pure Python per packet. Every SCTP packet is one DATA chunk of at most 1160 bytes
+# (SCTP_MAX_PACKET_LENGTH = 1189, chosen to fit the minimum IPv6 MTU after DTLS/UDP overhead),
+# one DTLS record, one UDP datagram, and the receiver answers every packet with a SACK. At
+# ~20k packets/s each way the sender is CPU-bound in ``_transmit`` and ``_receive_sack_chunk``,
+# both of which walk the whole sent queue (O(cwnd / 1160) per SACK once there is a gap). Bursts
+# larger than the kernel's default UDP receive buffer (208 KiB) are dropped on loopback, which
+# adds SACK gaps, fast retransmits and cwnd halving on top.
+#
+# The tuning, per link:
+# 1. Bigger kernel socket buffers (SO_RCVBUF/SO_SNDBUF, up to what the kernel allows) on the
+#    link's ICE sockets, so bursts the congestion window allows are not dropped by our own
+#    kernel. Safe on any network: it changes nothing on the wire.
+# 2. Bigger SCTP packets, only when the selected candidate pair is host<->host with the remote
+#    address one of this machine's own addresses: the datagrams never leave the loopback route
+#    (MTU 65536), so no IP fragmentation and no path-MTU question arises. Both sides must agree:
+#    each side first makes its DTLS layer able to read large records (harmless for small ones),
+#    then says in its hello how big a packet it can take; each side sends big packets only after
+#    the peer's hello said so. A peer without the tuning (an older gradient-nb, a browser, plain
+#    aiortc) sends no such hello and gets standard 1189-byte packets. Across a real network the
+#    packets stay at aiortc's IPv6-safe size.
+#
+# aiortc reads USERDATA_MAX_LENGTH as a module global inside its methods, so the per-link packet
+# size is done by re-binding exactly those methods to a private copy of the module globals (same
+# code objects, no copied source) on that one association. Pinned to the aiortc versions it was
+# checked against: on any other version the packet-size part is skipped and the link runs untuned.
+
+_TUNED_AIORTC = ("1.16.",)
+_SCTP_METHODS_WITH_PACKET_SIZE = ("_receive_sack_chunk", "_t3_expired", "_transmit", "_send")
+# A DTLS record carries at most 16384 bytes of plaintext; one SCTP packet must fit in one record.
+_MAX_LOCAL_PACKET = 16384
+# aiortc's own SCTP packet size (fits the IPv6 minimum MTU after DTLS/UDP): what real networks get.
+STANDARD_PACKET = _sctp_mod.SCTP_MAX_PACKET_LENGTH
+_SOCKET_BUFFER = 4 << 20
+_FORCE = [False]
+
+
+def _local_addresses() -> set[str]:
+    from aioice.ice import get_host_addresses
+
+    addrs = set(get_host_addresses(use_ipv4=True, use_ipv6=True))
+    addrs.update(("127.0.0.1", "::1"))
+    return addrs
+
+
+class _LargeRecordSSL:
+    """Wraps the DTLS ``SSL.Connection`` so aiortc's fixed 1500-byte reads fit a large record."""
+
+    def __init__(self, ssl: Any, size: int) -> None:
+        self._gnb_ssl = ssl
+        self._gnb_size = size
+
+    def recv(self, n: int) -> bytes:
+        return self._gnb_ssl.recv(max(n, self._gnb_size))
+
+    def bio_read(self, n: int) -> bytes:
+        return self._gnb_ssl.bio_read(max(n, self._gnb_size))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._gnb_ssl, name)
+
+
+@dataclass(frozen=True)
+class SctpTuning:
+    """Bulk tuning of one link (see the comment above). ``packet_bytes``: the SCTP packet size used
+    on a same-host path; ``socket_buffer``: requested kernel buffer per ICE socket."""
+
+    packet_bytes: int = _MAX_LOCAL_PACKET
+    socket_buffer: int = _SOCKET_BUFFER
+    sack_every: int = 2
+    local_sack_every: int = 2
+    sack_force: bool = False
+
+    @staticmethod
+    def supported() -> bool:
+        return aiortc.__version__.startswith(_TUNED_AIORTC)
+
+    def offer(self) -> dict:
+        return {"max_packet": self.packet_bytes if self.supported() else 0}
+
+    def prepare(self, link: Link) -> None:
+        """Before the hello goes out: make this side able to receive what it will offer."""
+        sctp = link._pc.sctp
+        if sctp is None:
+            return
+        conn = sctp.transport.transport._connection
+        for proto in getattr(conn, "_protocols", []):
+            transport = getattr(proto, "transport", None)
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is None:
+                continue
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.socket_buffer)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.socket_buffer)
+        if not self.supported():
+            return
+        dtls = sctp.transport
+        if not isinstance(dtls._ssl, _LargeRecordSSL) and dtls._ssl is not None:
+            dtls._ssl = _LargeRecordSSL(dtls._ssl, self.packet_bytes + 1024)
+        _patch_sctp(sctp, None)
+        _FORCE[0] = self.sack_force
+        if self.sack_every > 1:
+            _install_sack_coalescing(link, sctp, self.sack_every)
+
+    def apply(self, link: Link, remote: Any) -> int | None:
+        """After the peer's hello: the SCTP packet size this side sends with (None: standard)."""
+        if not self.supported() or not isinstance(remote, dict):
+            return None
+        peer_max = remote.get("max_packet")
+        if not isinstance(peer_max, int) or peer_max <= _sctp_mod.SCTP_MAX_PACKET_LENGTH:
+            return None
+        pair = link._selected_pair()
+        if pair is None or pair.local_candidate.type != "host" or pair.remote_candidate.type != "host":
+            return None
+        local = _local_addresses()
+        if pair.remote_addr[0] not in local or pair.local_addr[0] not in local:
+            return None
+        size = min(self.packet_bytes, peer_max, _MAX_LOCAL_PACKET)
+        _patch_sctp(link._pc.sctp, size)
+        if self.local_sack_every > 1:
+            _install_sack_coalescing(link, link._pc.sctp, self.local_sack_every)
+        return size
+
+
+def _patch_sctp(sctp: Any, packet: int | None) -> None:
+    """Re-bind the packet-size-dependent methods of one association (``packet=None``: aiortc's
+    size) and give it the O(1) transmit path. Idempotent per association."""
+    env = dict(vars(_sctp_mod))
+    if packet is not None:
+        env["SCTP_MAX_PACKET_LENGTH"] = packet
+        env["USERDATA_MAX_LENGTH"] = (
+            packet - _sctp_mod.SCTP_COMMON_HEADER_LENGTH - _sctp_mod.SCTP_DATA_CHUNK_HEADER_LENGTH) // 4 * 4
+    env["DataChunk"] = _tracked_chunk_class(sctp)
+    if not hasattr(sctp, "_gnb_retransmits"):
+        sctp._gnb_retransmits = sum(1 for c in sctp._sent_queue if c._retransmit)
+    for name in _SCTP_METHODS_WITH_PACKET_SIZE:
+        fn = _transmit if name == "_transmit" else getattr(type(sctp), name)
+        clone = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
+        clone.__kwdefaults__ = fn.__kwdefaults__
+        setattr(sctp, name, types.MethodType(clone, sctp))
+    if packet is not None:
+        # The window was sized for small packets; give slow start a few big packets.
+        sctp._cwnd = max(sctp._cwnd, 3 * env["USERDATA_MAX_LENGTH"])
+
+
+def _tracked_chunk_class(sctp: Any) -> type:
+    """A DataChunk that keeps ``sctp._gnb_retransmits`` >= the number of chunks marked for
+    retransmission, so :func:`_transmit` can skip its scan of the sent queue when it is 0."""
+
+    class _TrackedDataChunk(_sctp_mod.DataChunk):  # type: ignore[misc]
+        @property
+        def _retransmit(self) -> bool:
+            return self._gnb_rt
+
+        @_retransmit.setter
+        def _retransmit(self, value: bool) -> None:
+            if value and not getattr(self, "_gnb_rt", False):
+                sctp._gnb_retransmits += 1
+            self._gnb_rt = value
+
+    return _TrackedDataChunk
+
+
+async def _transmit(self: Any) -> None:
+    """aiortc 1.16's ``RTCSctpTransport._transmit`` with one change: the walk over the whole sent
+    queue looking for chunks to retransmit (O(cwnd / packet) on every SACK, the top item of the
+    profile at ~50 us per call) runs only when some chunk may be marked for retransmission.
+    Runs with the globals of :func:`_patch_sctp` (``USERDATA_MAX_LENGTH`` per association)."""
+    if self._forward_tsn_chunk is not None:
+        await self._send_chunk(self._forward_tsn_chunk)
+        self._forward_tsn_chunk = None
+        if not self._t3_handle:
+            self._t3_start()
+
+    if self._fast_recovery_exit is not None:
+        burst_size = 2 * USERDATA_MAX_LENGTH  # type: ignore[name-defined]  # noqa: F821
+    else:
+        burst_size = 4 * USERDATA_MAX_LENGTH  # type: ignore[name-defined]  # noqa: F821
+    cwnd = min(self._flight_size + burst_size, self._cwnd)
+
+    if self._gnb_retransmits:
+        retransmit_earliest = True
+        for chunk in self._sent_queue:
+            if chunk._retransmit:
+                if self._fast_recovery_transmit:
+                    self._fast_recovery_transmit = False
+                elif self._flight_size >= cwnd:
+                    return
+                self._flight_size_increase(chunk)
+
+                chunk._misses = 0
+                chunk._retransmit = False
+                chunk._sent_count += 1
+                await self._send_chunk(chunk)
+                if retransmit_earliest:
+                    self._t3_restart()
+            retransmit_earliest = False
+        # exact again (chunks acknowledged while marked left the queue still counted)
+        self._gnb_retransmits = sum(1 for c in self._sent_queue if c._retransmit)
+
+    while self._outbound_queue and self._flight_size < cwnd:
+        chunk = self._outbound_queue.popleft()
+        self._sent_queue.append(chunk)
+        self._flight_size_increase(chunk)
+        chunk._sent_count += 1
+        chunk._sent_time = time.time()
+        await self._send_chunk(chunk)
+        if not self._t3_handle:
+            self._t3_start()
+
+
+def _install_sack_coalescing(link: Link, sctp: Any, every: int) -> None:
+    """Send one SACK per ``every`` DATA packets while more packets are already waiting in the
+    receive queue, and at once when the queue is empty or a gap or duplicate shows. RFC 9260
+    section 6.2 asks for a SACK at least every second packet; with ``every=2`` this is exactly
+    delayed-ack behaviour, and it never delays a SACK past the moment the receiver has drained
+    what already arrived (so a lone packet or a ping is acknowledged as soon as it is handled).
+    It halves (or better) the packets the receiver encrypts and the sender decrypts and processes."""
+    if getattr(sctp, "_gnb_sack_every", None) is not None:
+        sctp._gnb_sack_every = every
+        return
+    original = sctp._send_sack
+    queue = sctp.transport.transport._connection._queue
+    sctp._gnb_sack_every = every
+    pending = 0
+
+    def flush() -> None:
+        link._sack_timer = None
+        if sctp._sack_needed and not link._closed:
+            link._spawn(original(), "link-sack")
+
+    async def send_sack() -> None:
+        nonlocal pending
+        pending += 1
+        if (pending < sctp._gnb_sack_every and (queue.qsize() > 0 or _FORCE[0]) and not sctp._sack_misordered
+                and not sctp._sack_duplicates):
+            if link._sack_timer is None:
+                # Only a queued datagram that carries no SCTP data could leave us here: bound it.
+                link._sack_timer = asyncio.get_running_loop().call_later(0.01, flush)
+            return
+        pending = 0
+        if link._sack_timer is not None:
+            link._sack_timer.cancel()
+            link._sack_timer = None
+        await original()
+
+    sctp._send_sack = send_sack

@@ -1,0 +1,265 @@
+"""The kernel end of the "gradient_nb.mesh" comm that the JupyterLab Mesh panel opens.
+
+The front-end opens a comm on target ``gradient_nb.mesh``. The kernel answers at once with a
+snapshot of the mesh, then pushes a new one whenever it changes. Polling runs as a task on the
+kernel's own event loop, so the kernel keeps executing cells; each open comm owns its tasks and
+cancels them when it closes.
+
+Messages, kernel -> front-end::
+
+    {"type": "snapshot", "snapshot": {...}}
+    {"type": "reply", "request": "join" | "leave" | "snapshot", "id": <echoed>, "ok": bool, "error": str}
+
+Front-end -> kernel::
+
+    {"request": "snapshot"}
+    {"request": "join", "url": "ws://...", "name": "..." | null}
+    {"request": "leave"}
+
+Any request may carry an ``id``, echoed in its reply so the front-end can pair them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+__all__ = ["TARGET_NAME", "MeshCommTarget", "register", "unregister"]
+
+TARGET_NAME = "gradient_nb.mesh"
+
+SnapshotSource = Callable[[], "Mapping[str, Any] | Awaitable[Mapping[str, Any]]"]
+JoinCallback = Callable[[str, "str | None"], Awaitable[Any]]
+LeaveCallback = Callable[[], Awaitable[Any]]
+
+_log = logging.getLogger(__name__)
+
+# Joining waits on signaling and ICE through the rendezvous; past this the front-end gets an
+# error instead of a spinner that never ends.
+_DEFAULT_REQUEST_TIMEOUT = 60.0
+# A snapshot is read from in-process state; one that takes longer than this is a bug upstream,
+# and the poll loop must not hang on it.
+_SNAPSHOT_TIMEOUT = 5.0
+
+
+def _json_safe(value: Any) -> Any:
+    """Turn a snapshot into plain JSON: tuples become lists, NaN/inf become None.
+
+    The comm travels as JSON, which has no NaN, and an RTT that was never measured is
+    more honestly shown as "-" than as a fake number.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    item = getattr(value, "item", None)  # numpy and torch scalars
+    if callable(item):
+        try:
+            return _json_safe(item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
+
+
+class _Session:
+    """One open comm: its poll task, its request tasks, and the last snapshot it sent."""
+
+    def __init__(self, target: MeshCommTarget, comm: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._target = target
+        self._comm = comm
+        self._loop = loop
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_sent: str | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        self._spawn(self._poll())
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        self._target._sessions.discard(self)
+
+    async def _read_snapshot(self) -> dict[str, Any]:
+        try:
+            result = self._target._snapshot_source()
+            if inspect.isawaitable(result):
+                result = await asyncio.wait_for(result, _SNAPSHOT_TIMEOUT)
+            return _json_safe(result)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the panel should say what broke rather than go blank
+            _log.warning("mesh snapshot failed", exc_info=True)
+            return {"joined": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    async def _push(self, *, force: bool) -> None:
+        snapshot = await self._read_snapshot()
+        key = json.dumps(snapshot, sort_keys=True)
+        if not force and key == self._last_sent:
+            return
+        if self._closed:
+            return
+        self._last_sent = key
+        self._comm.send({"type": "snapshot", "snapshot": snapshot})
+
+    async def _poll(self) -> None:
+        await self._push(force=True)
+        while True:
+            await asyncio.sleep(self._target._poll_interval)
+            await self._push(force=False)
+
+    def on_msg(self, msg: Mapping[str, Any]) -> None:
+        data = msg.get("content", {}).get("data") or {}
+        if not isinstance(data, Mapping):
+            return
+        request = data.get("request")
+        self._spawn(self._handle(request, data))
+
+    async def _handle(self, request: Any, data: Mapping[str, Any]) -> None:
+        reply: dict[str, Any] = {"type": "reply", "request": request, "ok": True, "error": ""}
+        if "id" in data:
+            reply["id"] = data["id"]
+        try:
+            if request == "snapshot":
+                await self._push(force=True)
+            elif request == "join":
+                url = data.get("url")
+                name = data.get("name")
+                if not isinstance(url, str) or not url:
+                    raise ValueError("join needs a rendezvous URL")
+                if name is not None and not isinstance(name, str):
+                    raise ValueError("name must be a string")
+                if self._target._join_cb is None:
+                    raise RuntimeError("this kernel does not offer join from the panel")
+                await asyncio.wait_for(self._target._join_cb(url, name or None), self._target._request_timeout)
+            elif request == "leave":
+                if self._target._leave_cb is None:
+                    raise RuntimeError("this kernel does not offer leave from the panel")
+                await asyncio.wait_for(self._target._leave_cb(), self._target._request_timeout)
+            else:
+                raise ValueError(f"unknown request {request!r}")
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            reply.update(ok=False, error=f"{request} timed out after {self._target._request_timeout:g} s")
+        except Exception as exc:
+            reply.update(ok=False, error=str(exc) or type(exc).__name__)
+        if self._closed:
+            return
+        self._comm.send(reply)
+        if request in ("join", "leave"):
+            # The panel should not wait up to a poll interval to see what it just asked for.
+            await self._push(force=False)
+
+
+class MeshCommTarget:
+    """The registered comm target; holds the callbacks and every open session.
+
+    Made by :func:`register`; call :meth:`close` (or :func:`unregister`) to stop it.
+    """
+
+    def __init__(
+        self,
+        manager: Any,
+        snapshot_source: SnapshotSource,
+        join_cb: JoinCallback | None,
+        leave_cb: LeaveCallback | None,
+        poll_interval: float,
+        request_timeout: float,
+    ) -> None:
+        self._manager = manager
+        self._snapshot_source = snapshot_source
+        self._join_cb = join_cb
+        self._leave_cb = leave_cb
+        self._poll_interval = poll_interval
+        self._request_timeout = request_timeout
+        self._sessions: set[_Session] = set()
+
+    @property
+    def open_comms(self) -> int:
+        return len(self._sessions)
+
+    def _on_open(self, comm: Any, msg: Mapping[str, Any]) -> None:
+        # Comm messages are handled on the kernel's main thread inside its running loop; tasks
+        # made here run while the kernel is idle and between awaits of a running cell.
+        loop = asyncio.get_running_loop()
+        session = _Session(self, comm, loop)
+        self._sessions.add(session)
+        comm.on_msg(session.on_msg)
+        comm.on_close(lambda _msg: session.close())
+        session.start()
+
+    def close(self) -> None:
+        """Stop every open session and unregister the target."""
+        for session in list(self._sessions):
+            session.close()
+            try:
+                session._comm.close()
+            except Exception:
+                _log.debug("closing mesh comm failed", exc_info=True)
+        try:
+            self._manager.unregister_target(TARGET_NAME, self._on_open)
+        except Exception:
+            _log.debug("unregistering %s failed", TARGET_NAME, exc_info=True)
+
+
+def _comm_manager(ipython: Any) -> Any:
+    kernel = getattr(ipython, "kernel", None)
+    manager = getattr(kernel, "comm_manager", None)
+    if manager is not None:
+        return manager
+    import comm  # ipykernel installs its manager here too
+
+    return comm.get_comm_manager()
+
+
+def register(
+    ipython: Any,
+    snapshot_source: SnapshotSource,
+    join_cb: JoinCallback | None = None,
+    leave_cb: LeaveCallback | None = None,
+    *,
+    poll_interval: float = 1.0,
+    request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
+) -> MeshCommTarget:
+    """Register the ``gradient_nb.mesh`` comm target on the kernel behind ``ipython``.
+
+    ``snapshot_source()`` returns the mesh snapshot (a dict, or an awaitable of one);
+    ``join_cb(url, name)`` and ``leave_cb()`` are coroutines run when the panel asks.
+    Registering again replaces the previous registration.
+    """
+    if poll_interval <= 0:
+        raise ValueError("poll_interval must be positive")
+    unregister(ipython)
+    manager = _comm_manager(ipython)
+    target = MeshCommTarget(manager, snapshot_source, join_cb, leave_cb, poll_interval, request_timeout)
+    manager.register_target(TARGET_NAME, target._on_open)
+    _registered[id(ipython)] = target
+    return target
+
+
+def unregister(ipython: Any) -> None:
+    """Close every open mesh comm of this kernel and remove the target (no-op if none)."""
+    target = _registered.pop(id(ipython), None)
+    if target is not None:
+        target.close()
+
+
+_registered: dict[int, MeshCommTarget] = {}

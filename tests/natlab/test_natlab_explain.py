@@ -1,0 +1,62 @@
+"""The diagnosis of failed links, and IceConfig's fields (no root needed)."""
+
+from __future__ import annotations
+
+from aioice import Candidate
+
+from gradient_nb.mesh.ice import IceConfig, explain_failure, install_aioice_fixes, relay_can_reach
+
+STUN = IceConfig(stun="stun:198.51.100.1:3478")
+
+
+def cand(kind: str, host: str, port: int = 4000) -> Candidate:
+    return Candidate(foundation="f", component=1, transport="udp", priority=1, host=host, port=port, type=kind)
+
+
+def test_stun_only_behind_nats_asks_for_turn() -> None:
+    local = [cand("host", "10.1.0.2"), cand("srflx", "198.51.100.11", 5000)]
+    remote = [cand("host", "10.2.0.2"), cand("srflx", "198.51.100.12", 6000)]
+    text = explain_failure(STUN, local, remote)
+    assert "TURN server is needed" in text
+    assert "symmetric NAT" in text
+
+
+def test_peer_reflexive_on_a_new_port_is_named_as_symmetric_nat_evidence() -> None:
+    local = [cand("host", "198.51.100.11")]
+    remote = [cand("host", "10.2.0.2"), cand("srflx", "198.51.100.12", 6000), cand("prflx", "198.51.100.12", 7777)]
+    text = explain_failure(STUN, local, remote)
+    assert "new port" in text and "TURN server is needed" in text
+
+
+def test_no_reflexive_address_means_udp_is_blocked() -> None:
+    text = explain_failure(STUN, [cand("host", "10.3.0.2")], [cand("host", "198.51.100.12")])
+    assert "UDP looks blocked" in text and "TCP or TLS" in text
+
+
+def test_turn_configured_without_relay_candidate() -> None:
+    ice = IceConfig(stun=STUN.stun, turn="turn:198.51.100.1:3478?transport=udp", turn_username="u", turn_password="p")
+    text = explain_failure(ice, [cand("host", "10.3.0.2")], [cand("host", "198.51.100.12")])
+    assert "no relay candidate" in text
+
+
+def test_relay_present_points_at_the_relay() -> None:
+    text = explain_failure(STUN, [cand("relay", "198.51.100.1")], [cand("srflx", "198.51.100.12")])
+    assert "relay was available" in text
+
+
+def test_ice_config_round_trips_with_fallbacks() -> None:
+    ice = IceConfig(stun="stun:h:3478", turn="turn:h:3478", turn_username="u", turn_password="p",
+                    turn_fallbacks=("turn:h:3478?transport=tcp", "turns:h:5349"))
+    assert IceConfig.from_dict(ice.to_dict()) == ice
+    assert ice.to_dict()["turn_fallbacks"] == ["turn:h:3478?transport=tcp", "turns:h:5349"]
+    # aiortc uses one TURN server: the first; the fallbacks are for resolved().
+    servers = ice.to_rtc().iceServers
+    assert [s.urls for s in servers] == ["stun:h:3478", "turn:h:3478"]
+
+
+def test_relays_on_public_servers_skip_private_peers() -> None:
+    assert install_aioice_fixes()
+    assert not relay_can_reach("198.51.100.1", "10.2.0.2")
+    assert not relay_can_reach("203.0.113.9", "fe80::1")
+    assert relay_can_reach("198.51.100.1", "198.51.100.12")
+    assert relay_can_reach("192.168.1.5", "192.168.1.7")  # a TURN server on the LAN itself

@@ -1,0 +1,96 @@
+"""Sampling (greedy, seeded, nucleus) and stop strings over incremental detokenisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradient_nb.models import load_tokenizer, resolve_model
+from gradient_nb.serve.sampling import Sampler, SamplingParams, StopDetector
+
+
+def test_greedy_is_argmax() -> None:
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert Sampler(SamplingParams(temperature=0.0)).next_token(logits) == 1
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens() -> None:
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+
+    def draw(seed: int | None) -> list[int]:
+        s = Sampler(SamplingParams(temperature=1.0, seed=seed))
+        return [s.next_token(logits) for _ in range(50)]
+
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+    assert draw(None) != draw(None)  # unseeded requests must not repeat each other
+
+
+def test_top_p_keeps_only_the_nucleus() -> None:
+    # probabilities ~ 0.5, 0.3, 0.15, 0.05: top_p=0.7 keeps the first two only (0.5 < 0.7 <= 0.8)
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    s = Sampler(SamplingParams(temperature=1.0, top_p=0.7, seed=1))
+    seen = {s.next_token(logits) for _ in range(400)}
+    assert seen == {0, 1}
+    s = Sampler(SamplingParams(temperature=1.0, top_p=1.0, seed=1))
+    assert {s.next_token(logits) for _ in range(400)} == {0, 1, 2, 3}
+    s = Sampler(SamplingParams(temperature=1.0, top_p=0.01, seed=1))
+    assert {s.next_token(logits) for _ in range(50)} == {0}
+
+
+def test_temperature_sharpens() -> None:
+    logits = torch.log(torch.tensor([0.6, 0.4]))
+    cold = Sampler(SamplingParams(temperature=0.1, seed=3))
+    hot = Sampler(SamplingParams(temperature=2.0, seed=3))
+    cold_ones = sum(cold.next_token(logits) for _ in range(500))
+    hot_ones = sum(hot.next_token(logits) for _ in range(500))
+    assert cold_ones < 20 < 150 < hot_ones  # p(1) ~ 0.017 cold, ~ 0.45 hot
+
+
+def test_params_are_checked() -> None:
+    for bad in [dict(temperature=-1), dict(temperature=2.5), dict(top_p=0), dict(max_tokens=0),
+                dict(stop=["a", "b", "c", "d", "e"]), dict(stop=[""])]:
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    assert SamplingParams(stop="END").stop == ["END"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(resolve_model())
+
+
+def stream(tok, text: str, stop: list[str]) -> tuple[list[str], StopDetector]:
+    d = StopDetector(tok, stop)
+    pieces = []
+    for t in tok(text, add_special_tokens=False).input_ids:
+        pieces.append(d.push(t))
+        if d.stopped:
+            break
+    pieces.append(d.flush())
+    return pieces, d
+
+
+def test_stop_string_cut_and_held_back(tok) -> None:
+    pieces, d = stream(tok, "The answer is 42. END of story", ["END"])
+    assert d.stopped and "".join(pieces) == "The answer is 42. "
+    # the text before the stop string is emitted incrementally, not all at the end
+    assert sum(1 for p in pieces if p) > 3
+
+
+def test_stop_string_across_tokens_and_partial_prefix(tok) -> None:
+    pieces, d = stream(tok, "alpha beta<|stop|>gamma", ["<|stop|>"])
+    assert d.stopped and "".join(pieces) == "alpha beta"
+    # a prefix of a stop string that never completes is released at the end
+    pieces, d = stream(tok, "value <|st", ["<|stop|>"])
+    assert not d.stopped and "".join(pieces) == "value <|st"
+
+
+def test_multibyte_characters_are_never_split(tok) -> None:
+    text = "Zürich 東京 🙂 ok"
+    pieces, d = stream(tok, text, ["XYZ"])
+    assert not d.stopped
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    pieces, _ = stream(tok, text, ["東京"])
+    assert "".join(pieces) == "Zürich "

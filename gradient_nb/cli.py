@@ -15,7 +15,9 @@ from typing import Any
 
 def _ice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stun", help="STUN server, e.g. stun:203.0.113.5:3478 (none by default)")
-    p.add_argument("--turn", help="TURN server, e.g. turn:203.0.113.5:3478?transport=udp")
+    p.add_argument("--turn", action="append", default=[],
+                   help="TURN server, e.g. turn:203.0.113.5:3478?transport=udp; repeat to give fallbacks "
+                        "(e.g. ?transport=tcp, turns:) tried in order when UDP is blocked")
     p.add_argument("--turn-user", help="TURN long-term credential user")
     p.add_argument("--turn-password", help="TURN long-term credential password")
 
@@ -25,7 +27,8 @@ def _ice_from(args: argparse.Namespace):
 
     if args.turn and not (args.turn_user and args.turn_password):
         raise SystemExit("error: --turn needs --turn-user and --turn-password")
-    return IceConfig(stun=args.stun, turn=args.turn, turn_username=args.turn_user,
+    return IceConfig(stun=args.stun, turn=args.turn[0] if args.turn else None,
+                     turn_fallbacks=tuple(args.turn[1:]), turn_username=args.turn_user,
                      turn_password=args.turn_password)
 
 

@@ -36,7 +36,7 @@ from . import resources
 from .dht import Dht
 from .errors import JoinRefused, MeshError, PeerUnreachable, SignatureInvalid
 from .frames import Message
-from .ice import IceConfig
+from .ice import IceConfig, explain_failure
 from .identity import Identity
 from .link import Link, LinkFailed, answer_link, offer_link
 from .rendezvous import hello_signature_payload, secret_mac
@@ -48,7 +48,20 @@ from .transport import LinkClosed, Transport
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 30.0
+# How long join() tries to link to the mesh before it gives up and explains why (NATs, no TURN).
+JOIN_LINK_TIMEOUT = 15.0
 RELAY_TTL = 3
+
+
+def _sdp_candidates(sdp: str | None) -> list[Any]:
+    from aiortc.sdp import candidate_from_sdp
+
+    out = []
+    for line in (sdp or "").splitlines():
+        if line.startswith("a=candidate:"):
+            with contextlib.suppress(ValueError, IndexError):
+                out.append(candidate_from_sdp(line[len("a="):].split(":", 1)[1]))
+    return out
 
 
 class _TransportChannel:
@@ -141,7 +154,7 @@ class Mesh:
 
     def __init__(self, url: str, *, mesh: str, name: str, identity: Identity, secret: str | None,
                  ice: IceConfig, heartbeat: float, peer_timeout: float, eager_links: int,
-                 probe_seconds: float, observe: bool = False) -> None:
+                 probe_seconds: float, observe: bool = False, check_links: bool = True) -> None:
         self.url = url.rstrip("/").replace("http://", "ws://", 1).replace("https://", "wss://", 1)
         self.mesh_name, self.name, self.identity = mesh, name, identity
         self.id = identity.peer_id
@@ -153,6 +166,8 @@ class Mesh:
         self.extra_record: dict[str, Any] = {}
         self._probe_seconds = probe_seconds
         self.observe = observe
+        self.check_links = check_links
+        self.link_errors: dict[str, str] = {}  # peer id -> why the last attempt to link failed
         self._room_provider: Provider | None = None
         self._links: dict[str, _PeerLink] = {}
         self._connecting: dict[str, asyncio.Future[_PeerLink]] = {}
@@ -189,6 +204,9 @@ class Mesh:
     async def _start(self) -> None:
         if not self.observe:
             self.resources = await asyncio.to_thread(resources.measure, None, self._probe_seconds)
+        if self.ice.stun or self.ice.turn:
+            # Pick the TURN URL that answers from this network (UDP may be blocked) once, up front.
+            self.ice = await self.ice.resolved()
         self._session = aiohttp.ClientSession()
         try:
             await self._connect_rendezvous()
@@ -201,6 +219,23 @@ class Mesh:
         await self.dht.start()
         self._spawn(self._heartbeat_loop(), "mesh-heartbeat")
         self._spawn(self._eager_link_loop(), "mesh-eager-links")
+        if self.check_links:
+            await self._check_reachable()
+
+    async def _check_reachable(self) -> None:
+        """Fail the join, with the reason, when no peer of the mesh can be linked to."""
+        others = sorted(self._rendezvous_peers)[:3]
+        if not others:
+            return
+        results = await asyncio.gather(*(self._link_to(p, JOIN_LINK_TIMEOUT) for p in others),
+                                       return_exceptions=True)
+        if any(not isinstance(r, BaseException) for r in results):
+            return
+        names = {pid: rec.get("name", "") for pid, rec in self.state.peers().items()}
+        reasons = "; ".join(f"{names.get(p) or 'peer'} ({p[:8]}): {self.link_errors.get(p) or r}"
+                            for p, r in zip(others, results, strict=True))
+        raise JoinRefused(f"joined the rendezvous but could not link to any peer of mesh {self.mesh_name!r}: "
+                          f"{reasons}")
 
     async def wait_synced(self, timeout: float = 10.0) -> None:
         """Wait until the first state sync with the rendezvous room has completed."""
@@ -463,6 +498,7 @@ class Mesh:
         answer_fut: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
         self._offers[peer_id] = (link_id, answer_fut)
         pending = None
+        sdp = answer_sdp = None
         try:
             pending, sdp = await offer_link(peer_id, self.ice)
             await self._send_signal(peer_id, "offer", {"link": link_id, "sdp": sdp})
@@ -470,7 +506,8 @@ class Mesh:
             if reply["kind"] == "reject":
                 await pending.close()
                 return  # glare: the other side's offer makes the link and resolves _connecting
-            link = await pending.complete(reply["sdp"])
+            answer_sdp = reply["sdp"]
+            link = await pending.complete(answer_sdp)
             pending = None
             try:
                 await link.wait_connected(CONNECT_TIMEOUT)
@@ -479,11 +516,16 @@ class Mesh:
                 raise
             await self._register_link(peer_id, link)
         except (LinkFailed, MeshError, TimeoutError) as exc:
+            if answer_sdp is None:
+                why = f"no answer to the link offer ({str(exc) or type(exc).__name__})"
+            else:
+                why = explain_failure(self.ice, _sdp_candidates(sdp), _sdp_candidates(answer_sdp))
+            self.link_errors[peer_id] = why
+            log.warning("cannot link to %s: %s", peer_id[:8], why)
             fut = self._connecting.pop(peer_id, None)
             if fut is not None and not fut.done():
-                err = exc if isinstance(exc, MeshError) else PeerUnreachable(
-                    f"cannot link to peer {peer_id[:8]}: {str(exc) or type(exc).__name__}")
-                fut.set_exception(err)
+                fut.set_exception(exc if isinstance(exc, MeshError) and answer_sdp is None else
+                                  PeerUnreachable(f"cannot link to peer {peer_id[:8]}: {why}"))
         finally:
             if self._offers.get(peer_id, (None,))[0] == link_id:
                 del self._offers[peer_id]
@@ -673,18 +715,20 @@ class _DhtNetwork:
 async def join(url: str, *, mesh: str = "default", name: str | None = None, secret: str | None = None,
                identity: Identity | None = None, ice: IceConfig | None = None, heartbeat: float = 2.0,
                peer_timeout: float = 10.0, eager_links: int = 4, probe_seconds: float = 0.25,
-               observe: bool = False) -> Mesh:
+               observe: bool = False, check_links: bool = True) -> Mesh:
     """Join the mesh ``mesh`` introduced by the rendezvous at ``url`` (``ws://host:port``).
 
     ``identity`` defaults to the user's persistent key; pass ``Identity.generate()`` for a throwaway one.
     ``ice`` names the STUN/TURN servers links may use; none by default (same host or LAN only).
     ``observe=True`` only reads the state: nothing is published and no links are made.
+    With ``check_links`` (the default) the join links to a few peers right away and fails with the
+    reason (e.g. a symmetric NAT with no TURN server) when none can be reached.
     Raises :class:`JoinRefused` with the reason when the rendezvous is unreachable or refuses.
     """
     identity = identity or Identity.load_or_create()
     m = Mesh(url, mesh=mesh, name=name or f"peer-{identity.peer_id[:6]}", identity=identity, secret=secret,
              ice=ice or IceConfig(), heartbeat=heartbeat, peer_timeout=peer_timeout, eager_links=eager_links,
-             probe_seconds=probe_seconds, observe=observe)
+             probe_seconds=probe_seconds, observe=observe, check_links=check_links)
     try:
         await m._start()
     except BaseException:

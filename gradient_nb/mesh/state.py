@@ -59,6 +59,7 @@ class MeshState:
         self._watchers: list[Callable[[set[str]], None]] = []
         self._subscription = None
         self._notify_pending = False
+        self._last_refresh = time.monotonic()
 
     # -- writing -------------------------------------------------------------------------------
     def _map(self, namespace: str) -> Map:
@@ -144,6 +145,10 @@ class MeshState:
     def refresh(self) -> set[str]:
         """Note which peers heartbeat and drop the ones that stopped; returns the ids dropped."""
         now_mono, now_wall = time.monotonic(), time.time()
+        # After a pause of our own (a blocking notebook cell, a stopped debugger) the silence we saw is
+        # ours, not theirs: start counting afresh rather than dropping every peer at once.
+        paused = now_mono - self._last_refresh > self.peer_timeout / 2
+        self._last_refresh = now_mono
         registry = self._map(REGISTRY)
         dropped: set[str] = set()
         for key, raw in list(registry.items()):
@@ -154,7 +159,7 @@ class MeshState:
                 continue
             seq = int(payload.get("seq", 0))
             seen = self._heard.get(key)
-            if seen is None or seen[0] != seq:
+            if seen is None or seen[0] != seq or paused:
                 self._heard[key] = (seq, now_mono)
                 seen = self._heard[key]
             stale = now_wall - float(payload.get("ts", 0.0)) > STALE_AFTER_S
@@ -171,6 +176,7 @@ class MeshState:
     def peers(self) -> dict[str, dict]:
         """Verified registry records of the live peers (this one included), by peer id."""
         now_mono, now_wall = time.monotonic(), time.time()
+        trust_silence = now_mono - self._last_refresh <= self.peer_timeout / 2
         out = {}
         for key, raw in list(self._map(REGISTRY).items()):
             payload = self._read(REGISTRY, key, raw)
@@ -180,7 +186,7 @@ class MeshState:
                 seen = self._heard.get(key)
                 if now_wall - float(payload.get("ts", 0.0)) > STALE_AFTER_S:
                     continue
-                if seen is not None and seen[0] == payload.get("seq") and \
+                if trust_silence and seen is not None and seen[0] == payload.get("seq") and \
                         now_mono - seen[1] > self.peer_timeout:
                     continue
             out[key] = payload

@@ -128,7 +128,7 @@ class MeshEngine:
         trace.routes.append([(s.peer_id, s.start, s.end) for s in chain])
         self._enter(chain)
         try:
-            for _ in range(params.max_tokens):
+            while trace.tokens < params.max_tokens:
                 try:
                     logits = await self._step(chain, session, pos, tokens[pos:])
                 except (MeshError, TimeoutError) as exc:
@@ -147,13 +147,13 @@ class MeshEngine:
                     continue
                 pos = len(tokens)
                 token = sampler.next_token(logits.reshape(-1)[: self.info.vocab_size].float())
+                if token in self.eos_ids:
+                    break  # like the OpenAI API and LocalEngine: EOS ends the answer and is not part of it
                 tokens.append(token)
                 trace.tokens += 1
                 if trace.first_token_s is None:
                     trace.first_token_s = time.perf_counter() - started
                 yield token
-                if token in self.eos_ids:
-                    break
         finally:
             self._leave(chain)
             # Free the caches without making the caller wait for it.
@@ -176,7 +176,7 @@ class MeshEngine:
         """The whole answer to a prompt (a chat message list gets the model's chat template)."""
         ids = self.encode(prompt)
         out = [t async for t in self.generate(ids, params)]
-        return self.tokenizer.decode([t for t in out if t not in self.eos_ids], skip_special_tokens=True)
+        return self.tokenizer.decode(out, skip_special_tokens=True)
 
     def encode(self, prompt: str | list[dict[str, str]]) -> list[int]:
         if isinstance(prompt, str):

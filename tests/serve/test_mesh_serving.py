@@ -1,0 +1,135 @@
+"""The real bundled model served by peer processes: same greedy tokens as one process, batching, failover, API.
+
+Each cluster is a real local mesh: an embedded rendezvous, `gradient-nb peer --serve` processes linked by
+aiortc, and this process as the entry peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+import pytest_asyncio
+
+from gradient_nb.models import load_full_model, load_tokenizer, resolve_model
+from gradient_nb.serve.cluster import start_local_cluster
+from gradient_nb.serve.coordinator import allocation_of
+from gradient_nb.serve.sampling import SamplingParams
+from gradient_nb.serve.shard import reference_greedy
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+NEW_TOKENS = 20
+LONG_TEXT = " ".join(
+    f"Paragraph {i}: the river flows past the old mill, where the miller counts sacks of grain and "
+    f"tells stories about the winter of year {1900 + i}." for i in range(14))
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the moon.",
+    "Explain what a hash table is.",
+    "List three colours of the rainbow.",
+    f"Summarise this text in one sentence: {LONG_TEXT}",
+    "How do I boil an egg?",
+    "What is 12 times 12?",
+    "Name a planet in the solar system.",
+]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """Greedy tokens of plain transformers in this process: the answers every split must give."""
+    path = resolve_model()
+    tok = load_tokenizer(path)
+    model = load_full_model(path)
+    ids = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"]) for p in PROMPTS]
+    assert max(len(i) for i in ids) > 300
+    return {"ids": ids, "tokens": [reference_greedy(model, tok, i, NEW_TOKENS) for i in ids], "tokenizer": tok}
+
+
+async def _generate(engine, ids: list[int], n: int = NEW_TOKENS) -> list[int]:
+    return [t async for t in engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=n))]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def even_split(reference):
+    # `reference` first: computing it blocks this process, which must not happen while it is a peer.
+    cluster = await start_local_cluster(3, layers=[(0, 10), (10, 20), (20, 30)], api=True, api_key="test-key")
+    try:
+        yield cluster
+    finally:
+        await cluster.stop()
+
+
+async def test_even_split_matches_one_process(even_split, reference) -> None:
+    chain = even_split.engine.current_route()
+    assert [(s.start, s.end) for s in chain] == [(0, 10), (10, 20), (20, 30)]
+    assert len({s.peer_id for s in chain}) == 3
+    for ids, want in zip(reference["ids"][:5], reference["tokens"][:5], strict=True):
+        assert await _generate(even_split.engine, ids) == want
+    text = reference["tokenizer"].decode(reference["tokens"][0], skip_special_tokens=True)
+    assert text.startswith("The capital of France is Paris.")
+
+
+async def test_concurrent_requests_match_solo_runs(even_split, reference) -> None:
+    results = await asyncio.gather(*(_generate(even_split.engine, ids) for ids in reference["ids"]))
+    for got, want, prompt in zip(results, reference["tokens"], PROMPTS, strict=True):
+        assert got == want, f"batched answer differs for {prompt[:40]!r}"
+
+
+async def test_openai_client_through_the_mesh(even_split) -> None:
+    from openai import AsyncOpenAI, AuthenticationError
+
+    client = AsyncOpenAI(base_url=even_split.api.url, api_key="test-key")
+    reply = await client.chat.completions.create(
+        model=even_split.engine.model_name, temperature=0, max_tokens=16,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert reply.choices[0].message.content.startswith("The capital of France is Paris.")
+    chunks = [c async for c in await client.chat.completions.create(
+        model=even_split.engine.model_name, temperature=0, max_tokens=8, stream=True,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith("The capital")
+    with pytest.raises(AuthenticationError):
+        await AsyncOpenAI(base_url=even_split.api.url, api_key="wrong").models.list()
+
+
+async def test_uneven_split_matches_one_process(reference) -> None:
+    cluster = await start_local_cluster(3, layers=[(0, 4), (4, 26), (26, 30)])
+    try:
+        assert [(s.start, s.end) for s in cluster.engine.current_route()] == [(0, 4), (4, 26), (26, 30)]
+        for i in (0, 2, 4):
+            assert await _generate(cluster.engine, reference["ids"][i]) == reference["tokens"][i]
+    finally:
+        await cluster.stop()
+
+
+async def test_peer_killed_mid_generation(reference) -> None:
+    """Three peers, allocated by the scheduler. The peer serving a request is killed after a few tokens:
+    the request re-routes, replays its tokens and finishes with the same output; the allocation heals."""
+    cluster = await start_local_cluster(3, peer_args=["--heartbeat", "0.5", "--peer-timeout", "3"])
+    try:
+        engine = cluster.engine
+        before = allocation_of(cluster.mesh, engine.model_name)
+        ids, want = reference["ids"][1], reference["tokens"][1]
+        got: list[int] = []
+        victim = None
+        async for tok in engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)):
+            got.append(tok)
+            if len(got) == 5:
+                victim = engine.traces[-1].routes[-1][0][0]
+                cluster.processes[cluster.peer_ids.index(victim)].send_signal(signal.SIGKILL)
+        assert got == want
+        trace = engine.traces[-1]
+        assert trace.failovers >= 1 and all(victim not in [s[0] for s in r] for r in trace.routes[1:])
+        # The coordinator (maybe a new one) re-plans without the dead peer.
+        for _ in range(100):
+            after = allocation_of(cluster.mesh, engine.model_name)
+            if after is not None and victim not in {s.peer_id for s in after.stages()}:
+                break
+            await asyncio.sleep(0.2)
+        assert victim in {s.peer_id for s in before.stages()}
+        assert victim not in {s.peer_id for s in after.stages()}
+        assert await _generate(engine, reference["ids"][0]) == reference["tokens"][0]
+    finally:
+        await cluster.stop()

@@ -142,7 +142,7 @@ def format_peers(snapshot: dict[str, Any]) -> str:
         links = [lk for lk in snapshot["links"] if p["id"] in (lk["a"], lk["b"])]
         rows.append((p["name"] + (" *" if p.get("self") else ""), p["id"][:10], dev[:24], f"{p['tflops']:.3f}",
                      _fmt_bytes(p["free_memory_bytes"]), ",".join(s for s in p["services"]
-                                                                    if not s.startswith(("dht.", "mesh.")))
+                                                                    if not s.startswith(("dht.", "mesh.", "diag.")))
                      or "-", str(len(links))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]

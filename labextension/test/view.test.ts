@@ -1,0 +1,74 @@
+// @vitest-environment jsdom
+import { describe, expect, it } from 'vitest';
+
+import { NO_KERNEL_MESSAGE, NOT_JOINED_MESSAGE, parseSnapshot } from '../src/model';
+import { MeshView } from '../src/view';
+import { A, B, C, threePeers } from './fixtures';
+
+function view() {
+  const root = document.createElement('div');
+  document.body.appendChild(root);
+  return { root, v: new MeshView(root) };
+}
+
+const peerIds = (root: HTMLElement) =>
+  [...root.querySelectorAll<HTMLElement>('tr[data-peer-id]')].map(tr => tr.dataset.peerId);
+
+describe('MeshView', () => {
+  it('says so when there is no kernel or no mesh', () => {
+    const { root, v } = view();
+    expect(root.textContent).toContain(NO_KERNEL_MESSAGE);
+    expect(root.dataset.peerCount).toBe('0');
+    v.render('unavailable', null);
+    expect(root.textContent).toContain('This kernel has not joined a mesh — run %mesh join');
+    v.render('connected', { joined: false, error: 'RuntimeError: x' });
+    expect(root.querySelector('.gnb-MeshView-message')!.textContent).toBe(
+      `${NOT_JOINED_MESSAGE} (the kernel reported: RuntimeError: x)`
+    );
+  });
+
+  it('lists 3 peers then 2, keeping the row elements of the peers that stay', () => {
+    const { root, v } = view();
+    v.render('connected', parseSnapshot(threePeers()));
+    expect(root.dataset.peerCount).toBe('3');
+    expect(peerIds(root)).toEqual([A, B, C]);
+    expect((root.querySelector('.gnb-MeshView-message') as HTMLElement).hidden).toBe(true);
+    const carol = v.peerRow(C)!;
+    const cells = [...carol.cells].map(td => td.textContent);
+    expect(cells).toEqual(['carol', 'cccccccc', 'cpu x86_64 (16.0 GiB)', '—', '—']);
+
+    const s = threePeers();
+    s.peers = s.peers.filter(p => p.id !== B);
+    s.links = s.links.filter(l => l.b !== B);
+    v.render('connected', parseSnapshot(s));
+    expect(root.dataset.peerCount).toBe('2');
+    expect(peerIds(root)).toEqual([A, C]);
+    expect(v.peerRow(C)).toBe(carol);
+    expect(root.querySelectorAll('tr[data-link-key]')).toHaveLength(1);
+  });
+
+  it('shows links direct vs relayed with RTT', () => {
+    const { root, v } = view();
+    v.render('connected', parseSnapshot(threePeers()));
+    const rows = [...root.querySelectorAll<HTMLTableRowElement>('tr[data-link-key]')];
+    expect(rows.map(r => [...r.cells].map(c => c.textContent))).toEqual([
+      ['alice ↔ bob', 'host', 'direct', '0.42 ms'],
+      ['alice ↔ carol', 'relay', 'relayed', '31.5 ms']
+    ]);
+    expect(rows[1].classList.contains('gnb-mod-relayed')).toBe(true);
+    expect(rows[0].classList.contains('gnb-mod-direct')).toBe(true);
+  });
+
+  it('reorders rows when names change and clears them on leave', () => {
+    const { root, v } = view();
+    v.render('connected', parseSnapshot(threePeers()));
+    const s = threePeers();
+    s.peers = s.peers.map(p => (p.id === B ? { ...p, name: 'zed' } : p));
+    v.render('connected', parseSnapshot(s));
+    expect(peerIds(root)).toEqual([A, C, B]);
+    v.render('connected', { joined: false });
+    expect(peerIds(root)).toEqual([]);
+    expect(root.dataset.peerCount).toBe('0');
+    expect(root.dataset.joined).toBe('false');
+  });
+});

@@ -34,7 +34,7 @@ from pycrdt import Provider
 
 from . import resources
 from .dht import Dht
-from .errors import JoinRefused, MeshError, PeerUnreachable, SignatureInvalid
+from .errors import JoinRefused, MeshError, PeerUnreachable, RemoteError, SignatureInvalid, UnknownMethod
 from .frames import Message
 from .ice import IceConfig, explain_failure
 from .identity import Identity
@@ -168,6 +168,9 @@ class Mesh:
         self.observe = observe
         self.check_links = check_links
         self.link_errors: dict[str, str] = {}  # peer id -> why the last attempt to link failed
+        # peer id -> (our SDP, theirs) of a link attempt not yet connected: a join that gives up on it
+        # before ICE itself does (its checks retry for about a minute) still explains from the candidates.
+        self._link_sdps: dict[str, tuple[str | None, str | None]] = {}
         self._room_provider: Provider | None = None
         self._links: dict[str, _PeerLink] = {}
         self._connecting: dict[str, asyncio.Future[_PeerLink]] = {}
@@ -232,10 +235,18 @@ class Mesh:
         if any(not isinstance(r, BaseException) for r in results):
             return
         names = {pid: rec.get("name", "") for pid, rec in self.state.peers().items()}
-        reasons = "; ".join(f"{names.get(p) or 'peer'} ({p[:8]}): {self.link_errors.get(p) or r}"
+        reasons = "; ".join(f"{names.get(p) or 'peer'} ({p[:8]}): {self._why_unlinked(p, r)}"
                             for p, r in zip(others, results, strict=True))
         raise JoinRefused(f"joined the rendezvous but could not link to any peer of mesh {self.mesh_name!r}: "
                           f"{reasons}")
+
+    def _why_unlinked(self, peer_id: str, error: BaseException) -> str:
+        if peer_id in self.link_errors:
+            return self.link_errors[peer_id]
+        local, remote = self._link_sdps.get(peer_id, (None, None))
+        if local and remote:  # candidates were exchanged, but no pair connected in time
+            return explain_failure(self.ice, _sdp_candidates(local), _sdp_candidates(remote))
+        return str(error)
 
     async def wait_synced(self, timeout: float = 10.0) -> None:
         """Wait until the first state sync with the rendezvous room has completed."""
@@ -453,10 +464,18 @@ class Mesh:
             await self._drop_link(sender)
         try:
             link, answer = await answer_link(sender, self.ice, sdp)
+            self._link_sdps[sender] = (answer, sdp)
             await self._send_signal(sender, "answer", {"link": link_id, "sdp": answer})
             await link.wait_connected(CONNECT_TIMEOUT)
         except (LinkFailed, MeshError, TimeoutError) as exc:
             log.warning("link from %s failed: %s", sender[:8], exc)
+            local, remote = self._link_sdps.get(sender, (None, None))
+            why = explain_failure(self.ice, _sdp_candidates(local), _sdp_candidates(remote)) if remote else str(exc)
+            self.link_errors[sender] = why
+            # Whoever waits for this link (we lost a glare, so our own offer was withdrawn) must learn now.
+            fut = self._connecting.pop(sender, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(PeerUnreachable(f"cannot link to peer {sender[:8]}: {why}"))
             if link is not None:
                 with contextlib.suppress(Exception):
                     await link.close()
@@ -471,6 +490,7 @@ class Mesh:
         provider = Provider(self.state.doc, _TransportChannel(link.transports["state"], f"link/{peer_id}"))
         pl.provider_task = self._spawn(provider.start(), f"mesh-sync-{peer_id[:8]}")
         self._links[peer_id] = pl
+        self._link_sdps.pop(peer_id, None)
         link.on_close.append(lambda: self._on_link_closed(peer_id, link))
         fut = self._connecting.pop(peer_id, None)
         if fut is not None and not fut.done():
@@ -507,6 +527,7 @@ class Mesh:
                 await pending.close()
                 return  # glare: the other side's offer makes the link and resolves _connecting
             answer_sdp = reply["sdp"]
+            self._link_sdps[peer_id] = (sdp, answer_sdp)
             link = await pending.complete(answer_sdp)
             pending = None
             try:
@@ -572,8 +593,26 @@ class Mesh:
     async def call(self, peer_id: str, method: str, message: Message | None = None, *,
                    timeout: float = 30.0) -> Message:
         """Call ``method`` on ``peer_id``; remote failures arrive as typed ``MeshError``s."""
+        if peer_id == self.id:
+            # A peer can be a stage of its own request (a notebook kernel that serves layers and prompts
+            # the model): run the handler here, failing the way a remote call would.
+            return await self._call_self(method, message or Message(), timeout)
         pl = await self._link_to(peer_id, min(timeout, CONNECT_TIMEOUT))
         return await pl.rpc.call(method, message, timeout=timeout)
+
+    async def _call_self(self, method: str, message: Message, timeout: float) -> Message:
+        found = self.services.lookup(method)
+        if found is None or found[0] != "unary":
+            raise UnknownMethod(message=f"this peer offers no unary method {method!r}")
+        ctx = CallContext(self.id, method, asyncio.get_running_loop().time() + timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                result = await found[1](message, ctx)
+        except (MeshError, TimeoutError):
+            raise
+        except Exception as exc:
+            raise RemoteError(type(exc).__name__, str(exc)) from exc
+        return Message() if result is None else result
 
     async def stream(self, peer_id: str, method: str, message: Message | None = None, *,
                      timeout: float = 30.0) -> AsyncIterator[Message]:

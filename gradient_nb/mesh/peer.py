@@ -51,6 +51,8 @@ CONNECT_TIMEOUT = 30.0
 # How long join() tries to link to the mesh before it gives up and explains why (NATs, no TURN).
 JOIN_LINK_TIMEOUT = 15.0
 RELAY_TTL = 3
+# Services every peer runs for the mesh itself: left out of what the UI shows.
+INTERNAL_SERVICES = ("mesh.", "dht.", "diag.")
 
 
 def _sdp_candidates(sdp: str | None) -> list[Any]:
@@ -722,7 +724,8 @@ class Mesh:
         links = {}
         for p in self.peers():
             peers.append({"id": p.id, "name": p.name, "devices": p.devices, "free_memory_bytes":
-                          p.free_memory_bytes, "tflops": p.tflops, "services": p.services,
+                          p.free_memory_bytes, "tflops": p.tflops,
+                          "services": [s for s in p.services if not s.startswith(INTERNAL_SERVICES)],
                           "layers": p.extra.get("layers"), "self": p.id == self.id})
             for lk in p.links:
                 a, b = sorted((p.id, str(lk.get("peer"))))

@@ -1,24 +1,31 @@
 """IPython magics: ``%mesh`` and ``%%parallax``. Load them with ``%load_ext gradient_nb``.
 
 Each magic parses and checks its arguments in the cell (bad input is a clear ``UsageError`` at once),
-then hands the work to the kernel's :class:`NotebookSession`, which runs it on the kernel's event loop:
-the cell returns immediately, its output keeps updating, and other cells run meanwhile.
+shows its widgets in the cell, then hands the work to the kernel's :class:`NotebookSession`, which runs
+it on the kernel's event loop: the cell returns immediately, its widgets keep updating, and other cells
+run meanwhile. ``%mesh?`` and ``%parallax?`` print the full help.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import html
 import shlex
 import time
 from typing import Any
 
+import ipywidgets as widgets
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from IPython.display import HTML, display
+from IPython.display import display
 
-from .session import current
+from .session import NotebookSession, current, when_done
+
+__all__ = ["SERVE_KEYS", "GradientMagics", "parse_serve_config"]
+
+MESH_USAGE = "usage: %mesh join [URL] | spawn N | status | watch | leave   (%mesh? for help)"
+PARALLAX_USAGE = "usage: %%parallax serve | %%parallax ask | %parallax status   (%parallax? for help)"
+STREAM_INTERVAL_S = 0.1  # stream answers, but don't flood the front-end with one message per token
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,7 +47,38 @@ def _join_parser() -> _Parser:
     p.add_argument("--turn-user", default=None)
     p.add_argument("--turn-password", default=None)
     p.add_argument("--ephemeral", action="store_true")
+    p.add_argument("--heartbeat", type=float, default=2.0)
+    p.add_argument("--peer-timeout", type=float, default=10.0)
     return p
+
+
+def _spawn_parser() -> _Parser:
+    p = _Parser(prog="%mesh spawn", add_help=False)
+    p.add_argument("count", type=int)
+    p.add_argument("--serve", default=None, metavar="MODEL")
+    p.add_argument("--layers", default=None, help="one range per peer: 0:10,10:30")
+    p.add_argument("--memory-cap", default=None, help="each peer offers at most this much memory, e.g. 300M")
+    p.add_argument("--name", default="volunteer")
+    return p
+
+
+def _ask_parser() -> _Parser:
+    p = _Parser(prog="%%parallax ask", add_help=False)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def _parse_range(text: str, where: str) -> tuple[int, int]:
+    try:
+        s, e = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise UsageError(f"{where}: expected START:END (e.g. 0:10), got {text!r}") from None
+    if not 0 <= s < e:
+        raise UsageError(f"{where}: need 0 <= START < END, got {text!r}")
+    return s, e
 
 
 SERVE_KEYS = {
@@ -57,10 +95,11 @@ SERVE_KEYS = {
 
 
 def parse_serve_config(body: str) -> dict[str, Any]:
-    """The ``%%parallax serve`` cell body: ``key: value`` lines, ``#`` comments."""
+    """The ``%%parallax serve`` cell body: ``key: value`` lines, ``#`` comments; raises ``UsageError``."""
     from ..cli import _parse_size
 
     cfg: dict[str, Any] = {"dtype": "float32"}
+    seen: set[str] = set()
     for n, raw in enumerate(body.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -71,19 +110,24 @@ def parse_serve_config(body: str) -> dict[str, Any]:
         key = key.replace("-", "_")
         if key not in SERVE_KEYS:
             raise UsageError(f"line {n}: unknown setting {key!r}; known: {', '.join(SERVE_KEYS)}")
-        if key == "dtype" and value not in ("float32", "bfloat16", "float16"):
-            raise UsageError(f"line {n}: dtype must be float32, bfloat16 or float16")
-        if key == "quantization":
+        if key in seen:
+            raise UsageError(f"line {n}: {key!r} is set twice")
+        seen.add(key)
+        if not value:
+            raise UsageError(f"line {n}: {key!r} has no value")
+        if key == "model":
+            cfg[key] = None if value == "default" else value
+        elif key == "dtype":
+            if value not in ("float32", "bfloat16", "float16"):
+                raise UsageError(f"line {n}: dtype must be float32, bfloat16 or float16, not {value!r}")
+            cfg[key] = value
+        elif key == "quantization":
             if value not in ("none", "int8", "nf4"):
-                raise UsageError(f"line {n}: quantization must be none, int8 or nf4")
+                raise UsageError(f"line {n}: quantization must be none, int8 or nf4, not {value!r}")
             cfg[key] = None if value == "none" else value
         elif key == "layers":
             if value != "auto":
-                try:
-                    s, e = (int(v) for v in value.split(":"))
-                except ValueError:
-                    raise UsageError(f"line {n}: layers must be auto or START:END") from None
-                cfg[key] = (s, e)
+                cfg[key] = _parse_range(value, f"line {n}: layers")
         elif key == "memory_cap":
             try:
                 cfg[key] = _parse_size(value)
@@ -91,201 +135,299 @@ def parse_serve_config(body: str) -> dict[str, Any]:
                 raise UsageError(f"line {n}: {exc}") from None
         elif key == "api":
             if value.lower() not in ("true", "false", "yes", "no"):
-                raise UsageError(f"line {n}: api must be true or false")
+                raise UsageError(f"line {n}: api must be true or false, not {value!r}")
             cfg[key] = value.lower() in ("true", "yes")
         elif key == "port":
-            if not value.isdigit():
-                raise UsageError(f"line {n}: port must be a number")
+            if not value.isdigit() or not 0 <= int(value) < 65536:
+                raise UsageError(f"line {n}: port must be a number in 0..65535, not {value!r}")
             cfg[key] = int(value)
         else:
             cfg[key] = value
+    host = cfg.get("host", "127.0.0.1")
+    if cfg.get("api") and host not in ("127.0.0.1", "localhost", "::1") and not cfg.get("api_key"):
+        raise UsageError(f"an API on {host} is reachable by others: set api_key")
+    if not cfg.get("api") and any(k in cfg for k in ("port", "api_key", "host")):
+        raise UsageError("port, api_key and host only apply with 'api: true'")
     return cfg
+
+
+def _status(text: str) -> str:
+    return f"<b>gradient-nb</b>: {text}"
+
+
+def _error_html(what: str, exc: BaseException) -> str:
+    return _status(f"<span style='color:#c62828'>{html.escape(what)}: {html.escape(type(exc).__name__)}: "
+                   f"{html.escape(str(exc))}</span>")
 
 
 @magics_class
 class GradientMagics(Magics):
     @line_magic
     def mesh(self, line: str) -> Any:
-        """Join, inspect and leave a mesh.
+        """Join, inspect and leave a mesh (the work runs in the background; the cell returns at once).
 
-        %mesh join [URL] [--mesh NAME] [--name NAME] [--secret S] [--stun URL] [--turn URL
-                   --turn-user U --turn-password P] [--ephemeral]
+        %mesh join [URL] [--mesh NAME] [--name NAME] [--secret S] [--ephemeral]
+                   [--stun URL] [--turn URL --turn-user U --turn-password P]
+                   [--heartbeat SECONDS] [--peer-timeout SECONDS]
             Join the mesh introduced by the rendezvous at URL (ws://host:port). Without URL, start a
-            local mesh in this kernel (an embedded rendezvous) and join it; its URL is printed so that
-            other machines can join with `gradient-nb peer --rendezvous URL`.
+            local mesh in this kernel (an embedded rendezvous) and join it; its URL is shown so that
+            other machines can join with `gradient-nb peer --rendezvous URL`. --ephemeral uses a
+            throwaway identity instead of your persistent key.
+        %mesh spawn N [--serve MODEL] [--layers S:E,S:E,...] [--memory-cap SIZE] [--name PREFIX]
+            Start N headless peers on this machine (`gradient-nb peer` processes) that join this
+            kernel's mesh; with --serve they serve MODEL ('default': the bundled model), each holding
+            the layers the coordinator gives it (or --layers, one range per peer; --memory-cap makes
+            each offer less memory, so that the model is split). They stop with %mesh leave, or when
+            the kernel exits.
         %mesh status      the peers and links of the mesh, as a table
         %mesh watch       live widgets: the topology and the peer table
-        %mesh leave       leave the mesh (stops serving first)
+        %mesh leave       leave the mesh (stops serving and the spawned peers first)
+
+        From Python: `gradient_nb.notebook.session.current()` is this kernel's session
+        (`await nb.wait_mesh()`, `nb.mesh.metrics()` for the metrics history as a polars DataFrame).
         """
-        args = shlex.split(line)
+        try:
+            args = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"%mesh: {exc}") from None
         if not args:
-            raise UsageError("usage: %mesh join [URL] | status | watch | leave  (see %mesh?)")
+            raise UsageError(MESH_USAGE)
         cmd, rest = args[0], args[1:]
         s = current()
         if cmd == "join":
-            ns = _join_parser().parse_args(rest)
-            from ..mesh.ice import IceConfig
-
-            if ns.turn and not (ns.turn_user and ns.turn_password):
-                raise UsageError("--turn needs --turn-user and --turn-password")
-            ice = IceConfig(stun=ns.stun, turn=ns.turn, turn_username=ns.turn_user,
-                            turn_password=ns.turn_password)
-            try:
-                task = s.start_join(ns.url, mesh=ns.mesh, name=ns.name, secret=ns.secret, ice=ice,
-                                    ephemeral=ns.ephemeral)
-            except RuntimeError as exc:
-                raise UsageError(str(exc)) from None
-            handle = display(HTML("<b>gradient-nb</b>: joining…"), display_id=True)
-
-            def joined(t: asyncio.Task) -> None:
-                if t.cancelled():
-                    handle.update(HTML("<b>gradient-nb</b>: join cancelled"))
-                elif t.exception() is not None:
-                    handle.update(HTML(f"<b>gradient-nb</b>: join failed: {html.escape(str(t.exception()))}"))
-                else:
-                    m = t.result()
-                    where = f" (local mesh: others join with <code>gradient-nb peer --rendezvous {m.url}</code>)" \
-                        if s.rendezvous is not None else ""
-                    handle.update(HTML(f"<b>gradient-nb</b>: joined mesh <code>{html.escape(m.mesh_name)}</code> "
-                                       f"as <code>{html.escape(m.name)}</code> ({m.id[:10]}){where}"))
-
-            task.add_done_callback(joined)
-            return None
+            return self._join(s, _join_parser().parse_args(rest))
+        if cmd == "spawn":
+            return self._spawn(s, _spawn_parser().parse_args(rest))
         if cmd == "status":
             if rest:
                 raise UsageError("%mesh status takes no arguments")
             snap = s.snapshot()
             if not snap.get("joined"):
-                print("This kernel has not joined a mesh: run %mesh join [URL]")
+                print("This kernel has not joined a mesh (or is still joining): run %mesh join [URL]")
                 return None
             from ..cli import format_peers
 
             print(f"mesh {snap['mesh']!r} at {snap['rendezvous']}: {len(snap['peers'])} peers")
             print(format_peers(snap))
+            for p in s.local_peers:
+                state = "running" if p.alive() else f"exited ({p.proc.returncode})"
+                print(f"local peer {p.name}: pid {p.pid}, {state}")
             return None
         if cmd == "watch":
+            if rest:
+                raise UsageError("%mesh watch takes no arguments")
             from .monitor import MeshMonitor
 
-            return MeshMonitor(s).show()
+            s.mesh_monitor = MeshMonitor(s).show()
+            return None
         if cmd == "leave":
+            if rest:
+                raise UsageError("%mesh leave takes no arguments")
             if s.mesh is None and s._join_task is None:
                 raise UsageError("this kernel is not in a mesh")
-            s.spawn(s.leave(), "gradient-nb-leave")
-            print("leaving the mesh")
+            out = widgets.HTML(_status("leaving the mesh…"))
+            display(out)
+
+            task = s.start_leave(on_error=lambda e: setattr(out, "value", _error_html("leave", e)))
+            when_done(task, lambda t: None if t.cancelled() or t.exception() is not None
+                      else setattr(out, "value", _status("left the mesh")))
             return None
-        raise UsageError(f"unknown %mesh command {cmd!r}: join, status, watch or leave")
+        raise UsageError(f"unknown %mesh command {cmd!r}\n{MESH_USAGE}")
+
+    def _join(self, s: NotebookSession, ns: argparse.Namespace) -> None:
+        from ..mesh.ice import IceConfig
+
+        if ns.turn and not (ns.turn_user and ns.turn_password):
+            raise UsageError("--turn needs --turn-user and --turn-password")
+        if ns.url is not None and not ns.url.startswith(("ws://", "wss://", "http://", "https://")):
+            raise UsageError(f"the rendezvous URL must start with ws:// or wss://, not {ns.url!r}")
+        if ns.heartbeat <= 0 or ns.peer_timeout <= ns.heartbeat:
+            raise UsageError("--heartbeat must be > 0 and --peer-timeout longer than it")
+        ice = IceConfig(stun=ns.stun, turn=ns.turn, turn_username=ns.turn_user, turn_password=ns.turn_password)
+        out = widgets.HTML(_status("joining…" if ns.url else "starting a local mesh…"))
+        try:
+            task = s.start_join(ns.url, mesh=ns.mesh, name=ns.name, secret=ns.secret, ice=ice,
+                                ephemeral=ns.ephemeral, heartbeat=ns.heartbeat, peer_timeout=ns.peer_timeout)
+        except RuntimeError as exc:
+            raise UsageError(str(exc)) from None
+        display(out)
+
+        def joined(t: Any) -> None:
+            if t.cancelled():
+                out.value = _status("join cancelled")
+            elif t.exception() is not None:
+                out.value = _error_html("join failed", t.exception())
+            else:
+                m = t.result()
+                where = (f"; a local mesh: others join with <code>gradient-nb peer --rendezvous {m.url}</code>"
+                         if s.rendezvous is not None else "")
+                out.value = _status(f"joined mesh <code>{html.escape(m.mesh_name)}</code> at "
+                                    f"<code>{html.escape(m.url)}</code> as <code>{html.escape(m.name)}</code> "
+                                    f"({m.id[:10]}){where}")
+
+        when_done(task, joined)
+
+    def _spawn(self, s: NotebookSession, ns: argparse.Namespace) -> None:
+        if not 1 <= ns.count <= 16:
+            raise UsageError("%mesh spawn: N must be between 1 and 16")
+        layers = None
+        if ns.layers:
+            if not ns.serve:
+                raise UsageError("%mesh spawn: --layers needs --serve")
+            layers = [_parse_range(r, "--layers") for r in ns.layers.split(",")]
+            if len(layers) != ns.count:
+                raise UsageError(f"%mesh spawn: --layers gives {len(layers)} ranges for {ns.count} peers")
+        extra: list[str] = []
+        if ns.memory_cap:
+            from ..cli import _parse_size
+
+            if not ns.serve:
+                raise UsageError("%mesh spawn: --memory-cap needs --serve")
+            try:
+                _parse_size(ns.memory_cap)
+            except SystemExit as exc:
+                raise UsageError(f"%mesh spawn: {exc}") from None
+            extra = ["--memory-cap", ns.memory_cap]
+        if s.mesh is None and s._join_task is None:
+            raise UsageError("this kernel is not in a mesh: run %mesh join first")
+        out = widgets.HTML(_status(f"starting {ns.count} local peer{'s' * (ns.count > 1)}…"))
+        display(out)
+
+        async def run() -> None:
+            await s.wait_mesh()
+            peers = s.spawn_local_peers(ns.count, serve=ns.serve, layers=layers, name=ns.name, extra=extra)
+            for p in peers:
+                await p.joined
+            what = f", serving {html.escape(ns.serve)}" if ns.serve else ""
+            out.value = _status("local peers joined: " + ", ".join(
+                f"<code>{html.escape(p.name)}</code> ({(p.peer_id or '?')[:10]}, pid {p.pid})" for p in peers) + what)
+
+        s.spawn(run(), "gradient-nb-spawn", on_error=lambda e: setattr(out, "value", _error_html("spawn", e)))
 
     @line_cell_magic
     def parallax(self, line: str, cell: str | None = None) -> Any:
-        """Serve a model split across the mesh, and prompt it.
+        """Serve a model split by layers across the mesh, and prompt it.
 
         %%parallax serve
         model: default          # or a local HF folder / .gguf file
         dtype: float32          # bfloat16, float16
         quantization: none      # int8, nf4 (bitsandbytes)
         layers: auto            # or START:END
-        memory_cap: 2G
-        api: false              # true: OpenAI-compatible API from this kernel
-            This kernel serves its share of the model in the background; the cell shows a live widget
-            of the allocation and the speed.
+        memory_cap: 2G          # offer at most this much memory
+        api: false              # true: an OpenAI-compatible API from this kernel
+        port: 8000              # with api: the port (default: a free one)
+        api_key: secret         # with api: the bearer token clients must send
+            This kernel serves its share of the model in the background (the coordinator assigns the
+            layers unless `layers` is given); the cell shows live widgets of the allocation and of each
+            peer's tokens/s, queue and latency. An empty body serves the bundled model.
 
-        %%parallax ask [--max-tokens N] [--temperature T] [--seed S]
+        %%parallax ask [--max-tokens N] [--temperature T] [--top-p P] [--seed S]
         What is the capital of France?
-            Streams the answer of the served model into the cell's output.
+            Streams the answer of the served model (greedy unless --temperature) into the cell's output;
+            `await current().answer()` in a later cell waits for it and returns the text.
 
         %parallax status    the allocation and the route a request would take now
         """
-        args = shlex.split(line)
+        try:
+            args = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"%parallax: {exc}") from None
         if not args:
-            raise UsageError("usage: %%parallax serve | %%parallax ask | %parallax status (see %parallax?)")
+            raise UsageError(PARALLAX_USAGE)
         cmd, rest = args[0], args[1:]
         s = current()
         if cmd == "serve":
             if cell is None:
-                raise UsageError("%%parallax serve is a cell magic: the cell body is the config")
-            cfg = parse_serve_config(cell)
-            handle = display(HTML("<b>parallax</b>: starting to serve…"), display_id=True)
-
-            def failed(exc: BaseException) -> None:
-                handle.update(HTML(f"<b>parallax</b>: serving failed: {html.escape(str(exc))}"))
-
-            async def run() -> None:
-                await s.serve(cfg)
-                from .monitor import ServingMonitor
-
-                handle.update(HTML(f"<b>parallax</b>: serving {html.escape(s.server.model_id)}"
-                                   + (f"; API at <code>{s.api.url}/v1</code>" if s.api is not None else "")))
-                ServingMonitor(s).show()
-
-            s.spawn(run(), "parallax-serve", on_error=failed)
-            return None
+                raise UsageError("%%parallax serve is a cell magic: write %%parallax serve, the config below it")
+            if rest:
+                raise UsageError("%%parallax serve takes no arguments: the cell body is the config")
+            return self._serve(s, parse_serve_config(cell))
         if cmd == "ask":
-            p = _Parser(prog="%%parallax ask", add_help=False)
-            p.add_argument("--max-tokens", type=int, default=128)
-            p.add_argument("--temperature", type=float, default=0.0)
-            p.add_argument("--top-p", type=float, default=1.0)
-            p.add_argument("--seed", type=int, default=None)
-            ns = p.parse_args(rest)
+            ns = _ask_parser().parse_args(rest)
             prompt = (cell or "").strip()
             if not prompt:
-                raise UsageError("%%parallax ask: the cell body is the prompt")
-            if ns.max_tokens < 1 or not 0 <= ns.temperature <= 2:
-                raise UsageError("--max-tokens must be >= 1 and --temperature in [0, 2]")
-            return self._ask(prompt, ns)
+                raise UsageError("%%parallax ask is a cell magic: the cell body is the prompt")
+            if ns.max_tokens < 1 or not 0 <= ns.temperature <= 2 or not 0 < ns.top_p <= 1:
+                raise UsageError("need --max-tokens >= 1, --temperature in [0, 2] and --top-p in (0, 1]")
+            return self._ask(s, prompt, ns)
         if cmd == "status":
-            return self._status()
-        raise UsageError(f"unknown %parallax command {cmd!r}: serve, ask or status")
+            if rest or cell is not None:
+                raise UsageError("%parallax status takes no arguments")
+            return self._status(s)
+        raise UsageError(f"unknown %parallax command {cmd!r}\n{PARALLAX_USAGE}")
 
-    def _ask(self, prompt: str, ns: argparse.Namespace) -> None:
-        from ..serve.sampling import SamplingParams
+    def _serve(self, s: NotebookSession, cfg: dict[str, Any]) -> None:
+        if s.mesh is None and s._join_task is None:
+            raise UsageError("this kernel is not in a mesh: run %mesh join first")
+        if cfg.get("model") is not None:
+            from ..models import resolve_model
 
-        s = current()
-        handle = display(HTML("<i>waiting for the served model…</i>"), display_id=True)
-        params = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, max_tokens=ns.max_tokens,
-                                seed=ns.seed)
+            try:
+                resolve_model(cfg["model"])
+            except (FileNotFoundError, OSError) as exc:
+                raise UsageError(str(exc)) from None
+        from .monitor import ServingMonitor
 
-        async def run() -> None:
-            engine = await s.wait_engine()
-            ids = engine.encode([{"role": "user", "content": prompt}])
-            out: list[int] = []
-            start, last = time.perf_counter(), 0.0
-            async for tok in engine.generate(ids, params):
-                if tok in engine.eos_ids:
-                    break
-                out.append(tok)
-                now = time.perf_counter()
-                if now - last > 0.1:  # stream, but don't flood the front-end with one message per token
-                    last = now
-                    handle.update(HTML(f"<pre>{html.escape(engine.tokenizer.decode(out))}</pre>"))
-            rate = len(out) / max(time.perf_counter() - start, 1e-9)
-            text = engine.tokenizer.decode(out, skip_special_tokens=True)
-            handle.update(HTML(f"<pre>{html.escape(text)}</pre><small>{len(out)} tokens, {rate:.1f} tokens/s"
-                               "</small>"))
-            s.last_answer = text
+        monitor = ServingMonitor(s)
+        try:
+            s.start_serve(cfg, on_error=monitor.failed)
+        except RuntimeError as exc:
+            raise UsageError(str(exc)) from None
+        s.serving_monitor = monitor.show()
 
-        def failed(exc: BaseException) -> None:
-            handle.update(HTML(f"<b>parallax</b>: {html.escape(type(exc).__name__)}: {html.escape(str(exc))}"))
+    def _ask(self, s: NotebookSession, prompt: str, ns: argparse.Namespace) -> None:
+        out = widgets.HTML("<i>waiting for the served model…</i>")
+        out.add_class("gradient-nb-answer")
+        display(out)
+        state: dict[str, Any] = {"last": 0.0, "start": None, "n": 0}
 
-        s.spawn(run(), "parallax-ask", on_error=failed)
+        def on_text(text: str, n: int) -> None:
+            now = time.perf_counter()
+            state["n"] = n
+            if state["start"] is None:
+                state["start"] = now
+            if now - state["last"] >= STREAM_INTERVAL_S:
+                state["last"] = now
+                out.value = f"<pre style='white-space:pre-wrap'>{html.escape(text)}▌</pre>"
 
-    def _status(self) -> None:
+        def finished(t: Any) -> None:
+            if t.cancelled():
+                out.value += "<small>(cancelled)</small>"
+            elif t.exception() is None:
+                text = t.result()
+                took = time.perf_counter() - (state["start"] or time.perf_counter())
+                n = state["n"]
+                rate = f", {(n - 1) / took:.1f} tokens/s after the first" if took > 0 and n > 1 else ""
+                out.value = (f"<pre style='white-space:pre-wrap'>{html.escape(text)}</pre>"
+                             f"<small>{n} tokens{rate}</small>")
+
+        task = s.start_ask(prompt, on_text=on_text, max_tokens=ns.max_tokens, temperature=ns.temperature,
+                           top_p=ns.top_p, seed=ns.seed,
+                           on_error=lambda e: setattr(out, "value", _error_html("ask failed", e)))
+        when_done(task, finished)
+
+    def _status(self, s: NotebookSession) -> None:
         from ..serve.coordinator import allocation_of
 
-        s = current()
         if s.mesh is None or s.engine is None:
             print("nothing is served from this kernel's mesh yet: run %%parallax serve")
             return
         names = {p.id: p.name for p in s.mesh.peers()}
         alloc = allocation_of(s.mesh, s.engine.model_name)
         if alloc is None:
-            print("no allocation yet")
+            print(f"{s.engine.model_name}: no allocation yet")
             return
+        print(f"{s.engine.model_name}: {alloc.num_layers} layers")
         for i, pipe in enumerate(alloc.pipelines):
             print(f"pipeline {i + 1}: " + "  ".join(f"{names.get(st.peer_id, st.peer_id[:8])}[{st.start}:{st.end}]"
                                                   for st in pipe))
+        if alloc.spare:
+            print("spare: " + ", ".join(names.get(p, p[:8]) for p in alloc.spare))
+        from ..serve.pipeline import NoRoute
+
         try:
             chain = s.engine.current_route()
             print("route: " + " -> ".join(f"{names.get(st.peer_id, st.peer_id[:8])}[{st.start}:{st.end}]"
                                           for st in chain))
-        except Exception as exc:
+        except NoRoute as exc:
             print(f"no route now: {exc}")

@@ -1,123 +1,196 @@
 """Live monitoring widgets, updated by tasks on the kernel's loop (never by blocking a cell).
 
 - :class:`MeshMonitor`: the topology (a force-directed anywidget, ``topology.py``) and a peer table.
-- :class:`ServingMonitor`: plotly ``FigureWidget``s of each peer's layers, and its tokens/s, queue and
-  latency over time, from the heartbeat history (``Mesh.metrics()``).
+- :class:`ServingMonitor`: a status line and plotly ``FigureWidget``s of each peer's layers, and of its
+  tokens/s, queue and latency over time, from the heartbeat history (``Mesh.metrics()``).
+
+Both are displayed by the cell that makes them and then only change their widgets' state, which every
+front-end follows by comm id, whichever cell is running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import html
+import logging
 from typing import Any
 
 import ipywidgets as widgets
 from IPython.display import display
 
+log = logging.getLogger(__name__)
+
 REFRESH_S = 1.0
+HISTORY_S = 120.0  # the speed plots show the last two minutes
 
 
 def peer_table_html(snapshot: dict[str, Any]) -> str:
     if not snapshot.get("joined"):
-        return "<i>This kernel has not joined a mesh: run <code>%mesh join</code></i>"
+        return "<i>This kernel has not joined a mesh (or is still joining): run <code>%mesh join</code></i>"
     rows = []
     for p in snapshot["peers"]:
         dev = ", ".join(d.get("name", "?") for d in p.get("devices", []))
         layers = p.get("layers")
-        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-            p["name"] + (" (this kernel)" if p.get("self") else ""), p["id"][:10], dev, f"{p['tflops']:.3f}",
-            f"{p['free_memory_bytes'] / 2**30:.1f} GiB",
-            ", ".join(s for s in p["services"] if not s.startswith(("dht.", "mesh.", "diag."))) or "-",
-            f"{layers[0]}–{layers[1]}" if layers else "-")) + "</tr>")
+        rows.append(f"<tr data-peer-id='{html.escape(p['id'])}'>" + "".join(
+            f"<td>{html.escape(str(c))}</td>" for c in (
+                p["name"] + (" (this kernel)" if p.get("self") else ""), p["id"][:10], dev,
+                f"{p['tflops']:.3f}", f"{p['free_memory_bytes'] / 2**30:.1f} GiB",
+                ", ".join(s for s in p["services"] if not s.startswith(("dht.", "mesh.", "diag."))) or "-",
+                f"{layers[0]}–{layers[1]}" if layers else "-")) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ("name", "id", "devices", "TFLOP/s", "free", "services", "layers"))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return (f"<table class='gradient-nb-peers' data-peer-count='{len(snapshot['peers'])}'><thead><tr>{head}</tr>"
+            f"</thead><tbody>{''.join(rows)}</tbody></table>")
 
 
-class MeshMonitor:
+class _Refreshing:
+    session: Any
+    _task: asyncio.Task | None = None
+
+    def refresh(self) -> None:
+        raise NotImplementedError
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self.refresh()
+            except Exception:
+                # One bad snapshot (a peer mid-join) must not end the live view.
+                log.warning("%s refresh failed", type(self).__name__, exc_info=True)
+            await asyncio.sleep(REFRESH_S)
+
+    def start(self) -> None:
+        """Keep the widgets updated in the background (owned by the session: ``leave`` stops it)."""
+        if self._task is None or self._task.done():
+            self._task = self.session.spawn(self._loop(), f"{type(self).__name__}-refresh")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+
+class MeshMonitor(_Refreshing):
+    """The topology of the kernel's mesh and a table of its peers, kept up to date."""
+
     def __init__(self, session: Any) -> None:
         from .topology import TopologyWidget
 
         self.session = session
-        self.topology = TopologyWidget()
+        self.topology = TopologyWidget(session.snapshot())
         self.table = widgets.HTML()
         self.box = widgets.VBox([self.topology, self.table])
         self.refresh()
 
     def refresh(self) -> None:
         snap = self.session.snapshot()
-        self.topology.snapshot = snap
-        self.table.value = peer_table_html(snap)
-
-    async def _loop(self) -> None:
-        while True:
-            self.refresh()
-            await asyncio.sleep(REFRESH_S)
+        self.topology.update(snap)
+        table = peer_table_html(snap)
+        if table != self.table.value:
+            self.table.value = table
 
     def show(self) -> MeshMonitor:
         display(self.box)
-        self.session.spawn(self._loop(), "mesh-monitor")
+        self.start()
         return self
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text("<MeshMonitor>")
 
 
-class ServingMonitor:
-    """Layers per peer, and tokens/s, queue and latency per peer over time."""
+class ServingMonitor(_Refreshing):
+    """What this kernel's mesh serves: a status line, layers per peer, and tokens/s, queue and latency
+    per peer over time."""
 
     def __init__(self, session: Any) -> None:
         import plotly.graph_objects as go
 
         self.session = session
-        self.layers = go.FigureWidget(layout={"title": "layers per peer", "height": 260, "barmode": "overlay",
-                                              "xaxis": {"title": "layer"}})
-        self.speed = go.FigureWidget(layout={"title": "tokens/s served", "height": 260,
-                                             "xaxis": {"title": "seconds ago"}})
-        self.queue = go.FigureWidget(layout={"title": "queue and latency (ms)", "height": 260})
-        self.box = widgets.VBox([self.layers, self.speed, self.queue])
+        self.status = widgets.HTML("<b>parallax</b>: starting to serve…")
+        self.ready = False
+        self.layers = go.FigureWidget(layout={"title": {"text": "layers per peer"}, "height": 240,
+                                              "barmode": "overlay", "xaxis": {"title": {"text": "layer"}},
+                                              "margin": {"t": 40, "b": 40}})
+        self.speed = go.FigureWidget(layout={"title": {"text": "tokens/s served"}, "height": 240,
+                                             "xaxis": {"title": {"text": "seconds ago"}}, "margin": {"t": 40, "b": 40}})
+        self.queue = go.FigureWidget(layout={"title": {"text": "queue (requests) and latency (ms per call)"},
+                                             "height": 240, "xaxis": {"title": {"text": "seconds ago"}},
+                                             "margin": {"t": 40, "b": 40}})
+        self.box = widgets.VBox([self.status, self.layers, self.speed, self.queue])
+        self._shown_layers: list[Any] = []
+
+    def failed(self, exc: BaseException) -> None:
+        self.status.value = (f"<b>parallax</b>: <span style='color:#c62828'>serving failed: "
+                             f"{html.escape(type(exc).__name__)}: {html.escape(str(exc))}</span>")
+        self.stop()
+
+    def _status_line(self) -> str:
+        from ..serve.pipeline import NoRoute
+
+        s = self.session
+        server, engine = s.server, s.engine
+        if server is None:
+            return "<b>parallax</b>: starting to serve…"
+        mine = f"layers {server.layers[0]}–{server.layers[1]}" if server.layers else "no layers yet"
+        api = f"; OpenAI API at <code>{html.escape(s.api.url)}</code>" if s.api is not None else ""
+        if engine is None:
+            return f"<b>parallax</b>: serving {html.escape(server.model_id)} (this kernel: {mine}); loading…"
+        try:
+            chain = engine.current_route()
+        except NoRoute as exc:
+            return (f"<b>parallax</b>: serving {html.escape(server.model_id)} (this kernel: {mine}); "
+                    f"waiting for the peers: {html.escape(str(exc))}")
+        self.ready = True
+        names = {p.id: p.name for p in s.mesh.peers()} if s.mesh is not None else {}
+        route = " → ".join(f"{html.escape(names.get(st.peer_id, st.peer_id[:8]))} [{st.start}:{st.end}]"
+                           for st in chain)
+        return (f"<b>parallax</b>: serving {html.escape(server.model_id)} (this kernel: {mine}); "
+                f"ready, route: {route}{api}")
 
     def refresh(self) -> None:
         import plotly.graph_objects as go
 
+        line = self._status_line()
+        if line != self.status.value:
+            self.status.value = line
         mesh = self.session.mesh
         if mesh is None:
             return
+        serving = [(p["name"], tuple(p["layers"])) for p in mesh.snapshot()["peers"] if p.get("layers")]
+        if serving != self._shown_layers:
+            self._shown_layers = serving
+            with self.layers.batch_update():
+                self.layers.data = []
+                for name, (s, e) in serving:
+                    self.layers.add_trace(go.Bar(y=[name], x=[e - s], base=[s], orientation="h", name=name))
         df = mesh.metrics("peers")
-        snap = mesh.snapshot()
-        serving = [p for p in snap["peers"] if p.get("layers")]
-        with self.layers.batch_update():
-            self.layers.data = []
-            for p in serving:
-                s, e = p["layers"]
-                self.layers.add_trace(go.Bar(y=[p["name"]], x=[e - s], base=[s], orientation="h", name=p["name"]))
         if df.is_empty():
             return
         import polars as pl
 
         now = df["time"].max()
-        df = df.sort("time").with_columns(
-            ((pl.col("served_tokens").diff().over("peer")) / pl.col("time").diff().over("peer")).alias("rate"),
-            (pl.col("time") - now).alias("ago"))
+        df = (df.filter(pl.col("time") >= now - HISTORY_S).sort("time")
+              .with_columns((pl.col("served_tokens").diff().over("peer")
+                             / pl.col("time").diff().over("peer")).alias("rate"),
+                            (pl.col("time") - now).alias("ago")))
         with self.speed.batch_update(), self.queue.batch_update():
             self.speed.data = []
             self.queue.data = []
             for _key, part in df.group_by(["peer"], maintain_order=True):
-                name = part["name"][-1]
                 if part["layer_start"].drop_nulls().is_empty():
-                    continue
-                self.speed.add_trace(go.Scatter(x=part["ago"].to_list(), y=part["rate"].fill_null(0).to_list(),
-                                                mode="lines", name=name))
-                self.queue.add_trace(go.Scatter(x=part["ago"].to_list(), y=part["queue"].to_list(),
-                                                mode="lines", name=f"{name} queue"))
-                self.queue.add_trace(go.Scatter(x=part["ago"].to_list(), y=part["latency_ms"].to_list(),
-                                                mode="lines", name=f"{name} ms", line={"dash": "dot"}))
-
-    async def _loop(self) -> None:
-        while True:
-            self.refresh()
-            await asyncio.sleep(REFRESH_S)
+                    continue  # never served a layer: nothing to plot
+                name = part["name"][-1]
+                ago = part["ago"].to_list()
+                self.speed.add_trace(go.Scatter(x=ago, y=part["rate"].fill_null(0).to_list(), mode="lines",
+                                                name=name))
+                self.queue.add_trace(go.Scatter(x=ago, y=part["queue"].to_list(), mode="lines",
+                                                name=f"{name} queue"))
+                self.queue.add_trace(go.Scatter(x=ago, y=part["latency_ms"].to_list(), mode="lines",
+                                                name=f"{name} ms", line={"dash": "dot"}))
 
     def show(self) -> ServingMonitor:
         display(self.box)
-        self.session.spawn(self._loop(), "serving-monitor")
+        self.start()
         return self
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text("<ServingMonitor>")

@@ -4,13 +4,34 @@ Everything here runs as tasks on the kernel's own event loop (ipykernel keeps it
 cells), so cells return at once and the kernel stays usable while the mesh works. Each piece of work
 is a task the session owns; later steps chain onto earlier ones (``serve`` waits for ``join``), so a
 notebook run top to bottom does things in order without blocking a cell.
+
+Background tasks never ``display()`` anything: a cell shows its widgets while it runs, and the tasks
+only change those widgets' state. Widget updates travel on comms, which every front-end routes by comm
+id, whereas a plain output from a task that outlives its cell has no cell left to land in.
+
+From a cell, the awaitable API waits for that work without blocking the kernel::
+
+    nb = current()
+    mesh = await nb.wait_mesh()          # the join started by %mesh join
+    await nb.ready(serving_peers=3)      # the model is served and a route covers every layer
+    text = await nb.ask("What is the capital of France?")   # interrupting the cell cancels only this
+    text = await nb.answer()             # the answer %%parallax ask is streaming
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import contextvars
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,24 +41,101 @@ from ..mesh.rendezvous import Rendezvous
 
 log = logging.getLogger(__name__)
 
+JOIN_TIMEOUT = 120.0
+# Loading a shard of the bundled model takes ~0.1 s from the safetensors cache, but ~20 s the first
+# time on a fresh machine (the GGUF is dequantised once), and longer on a busy one.
+SERVE_TIMEOUT = 300.0
+PEER_START_TIMEOUT = 120.0
+
+
+def _die_with_parent() -> None:
+    # Local peers are children of the kernel: if the kernel is killed (even with SIGKILL) they must
+    # not outlive it. PR_SET_PDEATHSIG fires when the *thread* that forked exits, so peers are only
+    # ever started from the kernel's main thread.
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class LocalPeer:
+    """A headless ``gradient-nb peer`` process this kernel started on this machine."""
+
+    def __init__(self, proc: subprocess.Popen, name: str, log_path: str) -> None:
+        self.proc = proc
+        self.name = name
+        self.log_path = log_path  # its stderr: a pipe nobody reads would fill up and stall it
+        self.peer_id: str | None = None
+        self.joined = asyncio.get_running_loop().create_future()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    async def _read_joined(self, timeout: float) -> None:
+        assert self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout)
+        except TimeoutError:
+            self.joined.set_exception(TimeoutError(f"{self.name} did not join within {timeout:.0f} s"))
+            return
+        if not line:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self.proc.wait, 5)
+            self.joined.set_exception(RuntimeError(f"{self.name} exited (code {self.proc.poll()}): "
+                                                 f"{self.log_tail()}"))
+            return
+        self.peer_id = json.loads(line).get("peer_id")
+        self.joined.set_result(self.peer_id)
+
+    def log_tail(self, chars: int = 1500) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()[-chars:]
+        except OSError:
+            return ""
+
 
 class NotebookSession:
+    """This kernel's mesh, serving and prompts; get it with :func:`current`."""
+
     def __init__(self) -> None:
         self.rendezvous: Rendezvous | None = None
         self.mesh: Mesh | None = None
         self.server: Any = None
         self.engine: Any = None
         self.api: Any = None
-        self._join_task: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self.local_peers: list[LocalPeer] = []
         self.last_error: BaseException | None = None
         self.last_answer: str | None = None
+        self.answer_tokens = 0  # tokens of the answer being generated (or last generated)
+        self._join_task: asyncio.Task | None = None
+        self._serve_task: asyncio.Task | None = None
+        self._ask_task: asyncio.Task | None = None
+        self._leave_task: asyncio.Task | None = None
+        # The widgets the last `%%parallax serve` / `%mesh watch` showed (to reuse or inspect them).
+        self.serving_monitor: Any = None
+        self.mesh_monitor: Any = None
+        self._tasks: set[asyncio.Task] = set()
+        self._engine_lock: asyncio.Lock | None = None
+        atexit.register(self._kill_local_peers)
+        _quiet_logs()
 
     # -- tasks ---------------------------------------------------------------------------------
     def spawn(self, coro: Awaitable[Any], name: str,
               on_error: Callable[[BaseException], None] | None = None) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
+        """Run ``coro`` in the background, owned by this session (``leave`` cancels it).
+
+        The task gets an empty context: ipykernel keeps the parent message in a context variable, and a
+        task that kept the context of the cell that started it would address its comm messages to that
+        finished cell. Without one, they go to the request being handled now, as in ipykernel 6, so a
+        client that follows only the running cell (nbclient) still sees the widgets change.
+        """
+        task = asyncio.get_running_loop().create_task(_as_coro(coro), name=name, context=contextvars.Context())
         self._tasks.add(task)
 
         def done(t: asyncio.Task) -> None:
@@ -49,90 +147,286 @@ class NotebookSession:
                 else:
                     log.error("%s failed: %s", name, t.exception())
 
-        task.add_done_callback(done)
+        when_done(task, done)
         return task
+
+    @property
+    def busy(self) -> list[str]:
+        """Names of the background tasks running now."""
+        return sorted(t.get_name() for t in self._tasks if not t.done())
 
     # -- mesh ----------------------------------------------------------------------------------
     def start_join(self, url: str | None, **kw: Any) -> asyncio.Task:
+        """Start joining the mesh at ``url`` (``None``: start a local mesh in this kernel) in the background."""
         if self._join_task is not None and not self._join_task.done():
             raise RuntimeError("already joining a mesh")
         if self.mesh is not None:
             raise RuntimeError(f"already in mesh {self.mesh.mesh_name!r}; run %mesh leave first")
-        self._join_task = self.spawn(self._join(url, **kw), "gradient-nb-join")
+        # Whoever waits for the join reports its failure (the magic's status line, the panel's reply).
+        self._join_task = self.spawn(self._join(url, **kw), "gradient-nb-join", on_error=lambda _exc: None)
         return self._join_task
 
     async def _join(self, url: str | None, **kw: Any) -> Mesh:
+        if kw.pop("ephemeral", False):
+            kw["identity"] = Identity.generate()
         if url is None:
             # No URL: this kernel introduces a new local mesh itself.
             self.rendezvous = await Rendezvous(secret=kw.get("secret")).start()
             url = self.rendezvous.url
-        kw.setdefault("identity", Identity.generate() if kw.pop("ephemeral", False) else None)
-        self.mesh = await join(url, **kw)
+        try:
+            self.mesh = await asyncio.wait_for(join(url, **kw), JOIN_TIMEOUT)
+        except BaseException:
+            if self.rendezvous is not None:
+                await self.rendezvous.stop()
+                self.rendezvous = None
+            raise
         return self.mesh
 
-    async def wait_mesh(self, timeout: float = 120.0) -> Mesh:
+    async def wait_mesh(self, timeout: float = JOIN_TIMEOUT) -> Mesh:
         """The joined mesh, waiting for a join in progress."""
         if self.mesh is not None:
             return self.mesh
         if self._join_task is None:
             raise RuntimeError("this kernel has not joined a mesh: run %mesh join [URL] first")
+        # Shielded: a cell that stops waiting (interrupted) must not cancel the join itself.
         return await asyncio.wait_for(asyncio.shield(self._join_task), timeout)
 
+    async def wait_peers(self, count: int, timeout: float = PEER_START_TIMEOUT) -> Mesh:
+        """Wait until the mesh lists at least ``count`` live peers (this kernel included)."""
+        mesh = await self.wait_mesh()
+        deadline = time.monotonic() + timeout
+        while len(mesh.peers()) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(mesh.peers())} of {count} peers after {timeout:.0f} s")
+            await asyncio.sleep(0.2)
+        return mesh
+
+    def spawn_local_peers(self, count: int, *, serve: str | None = None,
+                          layers: list[tuple[int, int]] | None = None, name: str = "volunteer",
+                          extra: list[str] | None = None) -> list[LocalPeer]:
+        """Start ``count`` headless peers on this machine that join this kernel's mesh.
+
+        They are separate processes (exactly what a volunteer runs: ``gradient-nb peer``), stopped by
+        :meth:`leave`, at kernel exit, or by the kernel's death.
+        """
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        if layers is not None and len(layers) != count:
+            raise ValueError("give one layer range per peer")
+        if self.mesh is None:
+            raise RuntimeError("join a mesh first (the join is still running, or was never started)")
+        taken = {p.name for p in self.local_peers}
+        started: list[LocalPeer] = []
+        i = 0
+        for k in range(count):
+            i += 1
+            while f"{name}-{i}" in taken:
+                i += 1
+            cmd = [sys.executable, "-m", "gradient_nb.cli", "peer", "--rendezvous", self.mesh.url,
+                   "--mesh", self.mesh.mesh_name, "--name", f"{name}-{i}", "--ephemeral",
+                   # The kernel's liveness settings: a peer that beats slower than the kernel expects
+                   # would be dropped as dead between its heartbeats.
+                   "--heartbeat", str(self.mesh.heartbeat_interval), "--peer-timeout", str(self.mesh.state.peer_timeout)]
+            if self.mesh.secret:
+                cmd += ["--secret", self.mesh.secret]
+            if serve:
+                cmd += ["--serve", serve]
+                if layers:
+                    cmd += ["--layers", f"{layers[k][0]}:{layers[k][1]}"]
+            cmd += extra or []
+            # Own session: interrupting the kernel signals its process group, which must not stop them.
+            fd, log_path = tempfile.mkstemp(prefix=f"gradient-nb-{name}-{i}-", suffix=".log")
+            try:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=fd, text=True, env=dict(os.environ),
+                                        start_new_session=True, preexec_fn=_die_with_parent)
+            finally:
+                os.close(fd)
+            peer = LocalPeer(proc, f"{name}-{i}", log_path)
+            self.local_peers.append(peer)
+            started.append(peer)
+            self.spawn(peer._read_joined(PEER_START_TIMEOUT), f"gradient-nb-peer-{peer.name}")
+        return started
+
+    async def stop_local_peers(self) -> None:
+        peers, self.local_peers = self.local_peers, []
+        if peers:
+            from ..mesh.demo import stop_processes
+
+            await asyncio.to_thread(stop_processes, [p.proc for p in peers])
+            for p in peers:
+                with contextlib.suppress(Exception):
+                    p.proc.stdout.close()  # type: ignore[union-attr]
+                with contextlib.suppress(OSError):
+                    os.unlink(p.log_path)
+
+    def _kill_local_peers(self) -> None:
+        for p in self.local_peers:
+            if p.alive():
+                with contextlib.suppress(Exception):
+                    p.proc.terminate()
+
+    def start_leave(self, on_error: Callable[[BaseException], None] | None = None) -> asyncio.Task:
+        """:meth:`leave` in the background; :meth:`wait_left` waits for it."""
+        if self._leave_task is None or self._leave_task.done():
+            self._leave_task = self.spawn(self.leave(), "gradient-nb-leave", on_error=on_error)
+        return self._leave_task
+
+    async def wait_left(self, timeout: float = 60.0) -> None:
+        """Wait until a leave started by ``%mesh leave`` is done."""
+        if self._leave_task is not None:
+            await asyncio.wait_for(asyncio.shield(self._leave_task), timeout)
+
     async def leave(self) -> None:
+        """Stop serving, stop the local peers, leave the mesh and stop the local rendezvous."""
+        me = asyncio.current_task()
         for t in list(self._tasks):
-            if t is not asyncio.current_task():
+            if t is not me:
                 t.cancel()
         if self.api is not None:
             with contextlib.suppress(Exception):
                 await self.api.stop()
             self.api = None
         if self.server is not None:
+            # Hand over only to peers that stay: the local ones are about to stop with us.
+            from ..serve.coordinator import serving_peers
+
+            ours = {self.server.mesh.id, *(p.peer_id for p in self.local_peers)}
+            stays = set(serving_peers(self.server.mesh, self.server.model_id)) - ours
             with contextlib.suppress(Exception):
-                await self.server.stop(handover_timeout=10)
+                await self.server.stop(handover_timeout=10 if stays else 0)
             self.server = None
         self.engine = None
+        await self.stop_local_peers()
         if self.mesh is not None:
             await self.mesh.leave()
             self.mesh = None
         if self.rendezvous is not None:
             await self.rendezvous.stop()
             self.rendezvous = None
-        self._join_task = None
+        self._join_task = self._serve_task = self._ask_task = None
 
     def snapshot(self) -> dict[str, Any]:
+        """The mesh as plain data (``Mesh.snapshot()``), or ``{"joined": False}``."""
         if self.mesh is None:
             return {"joined": False}
-        return self.mesh.snapshot()
+        snap = self.mesh.snapshot()
+        if self.rendezvous is not None:
+            snap["local_rendezvous"] = True
+        return snap
 
     # -- serving -------------------------------------------------------------------------------
+    def start_serve(self, config: dict[str, Any],
+                    on_error: Callable[[BaseException], None] | None = None) -> asyncio.Task:
+        """Serve this kernel's share of a model in the background (waits for the join first)."""
+        if self._serve_task is not None and not self._serve_task.done():
+            raise RuntimeError("already starting to serve; wait for it or run %mesh leave")
+        self._serve_task = self.spawn(self.serve(config), "parallax-serve", on_error=on_error)
+        return self._serve_task
+
     async def serve(self, config: dict[str, Any]) -> Any:
         from ..serve.node import ServingPeer
-        from ..serve.pipeline import MeshEngine
 
         mesh = await self.wait_mesh()
         if self.server is not None:
             await self.server.stop(handover_timeout=5)
-        self.server = await ServingPeer(mesh, config.get("model"), dtype=config["dtype"],
+            self.server = None
+        if self.api is not None:
+            await self.api.stop()
+            self.api = None
+        self.server = await ServingPeer(mesh, config.get("model"), dtype=config.get("dtype", "float32"),
                                         quantization=config.get("quantization"), layers=config.get("layers"),
                                         memory_cap_bytes=config.get("memory_cap")).start()
-        self.engine = await asyncio.to_thread(MeshEngine, mesh, config.get("model"))
+        engine = await self._get_engine(config.get("model"))
         if config.get("api"):
             from ..serve.api import serve_api
 
-            self.api = await serve_api(self.engine, host=config.get("host", "127.0.0.1"),
+            self.api = await serve_api(engine, host=config.get("host", "127.0.0.1"),
                                        port=config.get("port", 0), api_key=config.get("api_key"))
         return self.server
 
-    async def wait_engine(self, timeout: float = 300.0) -> Any:
-        from ..serve.cluster import wait_ready
+    async def _get_engine(self, model: str | None) -> Any:
+        from ..serve.pipeline import MeshEngine
 
         mesh = await self.wait_mesh()
-        if self.engine is None:
-            from ..serve.pipeline import MeshEngine
-
-            self.engine = await asyncio.to_thread(MeshEngine, mesh, None)
-        await wait_ready(mesh, self.engine, 1, timeout)
+        if self._engine_lock is None:
+            self._engine_lock = asyncio.Lock()
+        async with self._engine_lock:
+            want = self.server.model_id if self.server is not None else None
+            if self.engine is None or self.engine.mesh is not mesh or (want and self.engine.model_name != want):
+                self.engine = await asyncio.to_thread(MeshEngine, mesh, model)
         return self.engine
+
+    async def wait_engine(self, timeout: float = SERVE_TIMEOUT, serving_peers: int = 1) -> Any:
+        """The engine of the served model, once a route of ready peers covers every layer."""
+        from ..serve.cluster import wait_ready
+
+        if self._serve_task is not None and not self._serve_task.done():
+            await asyncio.wait_for(asyncio.shield(self._serve_task), timeout)
+        engine = await self._get_engine(None)
+        await wait_ready(engine.mesh, engine, serving_peers, timeout)
+        return engine
+
+    async def ready(self, serving_peers: int = 1, timeout: float = SERVE_TIMEOUT) -> None:
+        """Wait until at least ``serving_peers`` peers serve the model and a route covers all its layers."""
+        await self.wait_engine(timeout, serving_peers)
+
+    async def ask(self, prompt: str | list[dict[str, str]], *, max_tokens: int = 128, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int | None = None,
+                  on_text: Callable[[str, int], None] | None = None) -> str:
+        """Prompt the served model (a string is one user message) and return its answer.
+
+        ``on_text(text_so_far, tokens)`` is called as tokens arrive. Awaited in a cell, interrupting the
+        cell cancels this request only: serving goes on.
+        """
+        from ..serve.sampling import SamplingParams
+
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        engine = await self.wait_engine()
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = engine.encode(messages)
+        out: list[int] = []
+        self.answer_tokens = 0
+        async for tok in engine.generate(ids, params):
+            out.append(tok)
+            self.answer_tokens = len(out)
+            if on_text is not None:
+                on_text(engine.tokenizer.decode(out, skip_special_tokens=True), len(out))
+        text = engine.tokenizer.decode(out, skip_special_tokens=True)
+        self.last_answer = text
+        return text
+
+    def start_ask(self, prompt: str, on_text: Callable[[str, int], None] | None = None,
+                  on_error: Callable[[BaseException], None] | None = None, **params: Any) -> asyncio.Task:
+        """:meth:`ask` in the background; :meth:`answer` waits for it."""
+        self._ask_task = self.spawn(self.ask(prompt, on_text=on_text, **params), "parallax-ask", on_error=on_error)
+        return self._ask_task
+
+    async def answer(self, timeout: float = SERVE_TIMEOUT) -> str:
+        """The answer of the last ``%%parallax ask``, waiting for it to finish."""
+        if self._ask_task is None:
+            raise RuntimeError("nothing was asked yet: run %%parallax ask")
+        return await asyncio.wait_for(asyncio.shield(self._ask_task), timeout)
+
+
+def _quiet_logs() -> None:
+    # Without any handler, Python prints every warning of the mesh (a coordinator that cannot place the
+    # model until enough peers arrived) into whichever cell runs. Show errors only, unless the user
+    # configured logging.
+    lg = logging.getLogger("gradient_nb")
+    if not lg.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.ERROR)
+        lg.addHandler(handler)
+
+
+def when_done(task: asyncio.Future, callback: Callable[[Any], None]) -> None:
+    """``task.add_done_callback`` without the caller's context: the callback updates widgets, and must not
+    address its messages to the cell that registered it (see :meth:`NotebookSession.spawn`)."""
+    task.add_done_callback(callback, context=contextvars.Context())
+
+
+async def _as_coro(aw: Awaitable[Any]) -> Any:
+    return await aw
 
 
 _session: NotebookSession | None = None

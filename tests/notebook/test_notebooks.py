@@ -1,0 +1,130 @@
+"""Every notebook in notebooks/ runs top to bottom in a real kernel (nbclient), and its outputs say so.
+
+The outputs checked are what the notebook saved: cell outputs, and the widget state nbclient stores in
+the notebook's metadata (the front-end's view of every widget: the streamed answer, the topology).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from kernel_driver import REPO, kill_pids, pid_alive
+from nbclient import NotebookClient
+
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.slow
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def widget_states(nb: Any) -> dict[str, dict[str, Any]]:
+    meta = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+    return {mid: w["state"] for mid, w in meta.get("state", {}).items()}
+
+
+def outputs_text(cell: Any) -> str:
+    parts = []
+    for out in cell.get("outputs", []):
+        if out["output_type"] == "stream":
+            parts.append(out["text"])
+        elif "data" in out:
+            parts.append(str(out["data"].get("text/plain", "")))
+    return "".join(parts)
+
+
+def cell_with(nb: Any, source: str) -> Any:
+    found = [c for c in nb.cells if c.cell_type == "code" and source in c.source]
+    assert found, f"no cell with {source!r}"
+    return found[0]
+
+
+def check_quickstart(nb: Any) -> None:
+    states = widget_states(nb)
+    htmls = [s.get("value", "") for s in states.values() if s.get("_model_name") == "HTMLModel"]
+    # The answer: printed by the cell that awaited it, and streamed into the ask cell's widget.
+    assert "Paris" in outputs_text(cell_with(nb, "answer = await nb.answer()"))
+    assert any("Paris" in v and "tokens" in v for v in htmls), htmls
+    # The serving dashboard says which route requests take: through all three peers.
+    assert any("ready, route:" in v and v.count("→") == 2 for v in htmls), htmls
+    status = outputs_text(cell_with(nb, "%parallax status"))
+    assert re.search(r"route: .*\[0:\d+\] -> .*\[\d+:\d+\] -> .*\[\d+:30\]", status), status
+    # The topology widget lists the kernel and both volunteers.
+    topo = [s["snapshot"] for s in states.values() if "snapshot" in s]
+    assert topo and topo[-1]["joined"]
+    assert sorted(p["name"] for p in topo[-1]["peers"] if not p["self"]) == ["volunteer-1", "volunteer-2"]
+    # Every peer served tokens (the metrics DataFrame, printed as text).
+    metrics = outputs_text(cell_with(nb, "nb.mesh.metrics()"))
+    assert "volunteer-1" in metrics and "volunteer-2" in metrics
+    # It left: the last cell printed an empty snapshot.
+    assert "{'joined': False}" in outputs_text(nb.cells[-1])
+
+
+def check_mesh(nb: Any) -> None:
+    status = outputs_text(cell_with(nb, "%mesh status"))
+    assert "3 peers" in status and "volunteer-1" in status and "volunteer-2" in status, status
+    assert status.count("local peer volunteer-") == 2
+    assert "UsageError" in outputs_text(cell_with(nb, "join notaurl"))
+    topo = [s["snapshot"] for s in widget_states(nb).values() if "snapshot" in s]
+    assert topo and len(topo[-1]["peers"]) == 3 and len(topo[-1]["links"]) >= 2
+    rtts = outputs_text(cell_with(nb, "median_rtt_ms"))
+    assert "median_rtt_ms" in rtts and "shape: (2," in rtts, rtts  # a row per linked peer
+    assert "{'joined': False}" in outputs_text(nb.cells[-1])
+
+
+def check_parallax(nb: Any) -> None:
+    status = outputs_text(cell_with(nb, "%parallax status"))
+    assert re.search(r"route: notebook\[0:15\] -> volunteer-1\[15:30\]", status), status
+    # Greedy through the magic and through the OpenAI API: the same tokens, so the same text.
+    streamed = outputs_text(cell_with(nb, "print(await nb.answer())")).strip()
+    assert len(streamed) > 10 and streamed == outputs_text(cell_with(nb, "AsyncOpenAI")).strip()
+    assert "Paris" in outputs_text(cell_with(nb, "capital of France"))
+    htmls = [s.get("value", "") for s in widget_states(nb).values() if s.get("_model_name") == "HTMLModel"]
+    assert any("OpenAI API at" in v and "ready, route:" in v for v in htmls), htmls
+    assert "{'joined': False}" in outputs_text(nb.cells[-1])
+
+
+CHECKS: dict[str, Callable[[Any], None]] = {"quickstart.ipynb": check_quickstart, "mesh.ipynb": check_mesh,
+                                            "parallax.ipynb": check_parallax}
+
+
+def spawned_pids(nb: Any) -> list[int]:
+    """The local peers' process ids, as the `%mesh spawn` widget reported them."""
+    return [int(p) for s in widget_states(nb).values() for p in re.findall(r"pid (\d+)", str(s.get("value", "")))]
+
+
+def test_every_notebook_is_checked() -> None:
+    assert NOTEBOOKS and {p.name for p in NOTEBOOKS} == set(CHECKS)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs_and_shows_its_results(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
+                            store_widget_state=True)
+    started = time.perf_counter()
+    pids: list[int] = []
+    try:
+        client.execute()
+    finally:
+        pids = spawned_pids(nb)
+        ARTIFACTS.mkdir(exist_ok=True)
+        nbformat.write(nb, ARTIFACTS / path.name)  # the executed notebook, to look at when this fails
+        try:
+            # The kernel is gone; so must be every process it started.
+            wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=30, what="spawned peers to exit")
+        finally:
+            kill_pids([p for p in pids if pid_alive(p)])
+    print(f"{path.name}: {time.perf_counter() - started:.1f} s")
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "error"]
+    assert not errors, errors
+    check = CHECKS.get(path.name)
+    if check is not None:
+        check(nb)

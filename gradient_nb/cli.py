@@ -224,7 +224,7 @@ async def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"\n\n{len(out)} tokens in {elapsed:.2f} s: {len(out) / elapsed:.1f} tokens/s, "
               f"first token after {1000 * (first or 0):.0f} ms")
         if args.api:
-            print(f"OpenAI-compatible API at {cluster.api.url}/v1 (Ctrl-C to stop)", flush=True)
+            print(f"OpenAI-compatible API at {cluster.api.url} (Ctrl-C to stop)", flush=True)
 
             async def wait(stop: asyncio.Event) -> None:
                 await stop.wait()

@@ -49,8 +49,10 @@ def load_ipython_extension(ipython: Any) -> None:
     from .notebook import comm
     from .notebook.magics import GradientMagics
     from .notebook.session import current
+    from .notebook.verify_magic import VerifyMagics
 
     ipython.register_magics(GradientMagics)
+    ipython.register_magics(VerifyMagics)
     session = current()
 
     async def join_cb(url: str, name: str | None) -> None:

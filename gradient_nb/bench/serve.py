@@ -61,6 +61,7 @@ async def _run(args: argparse.Namespace) -> dict:
     cluster = await start_local_cluster(args.peers, model=args.model, layers=layers)
     try:
         engine = cluster.engine
+        model_name = engine.model_name
         params = SamplingParams(temperature=0.0, max_tokens=args.tokens)
         # Both sides generate exactly args.tokens tokens: the baseline with min_new_tokens, the mesh by
         # not stopping at EOS.
@@ -83,23 +84,28 @@ async def _run(args: argparse.Namespace) -> dict:
         results = await asyncio.gather(*(one(ids, params) for ids in ids_list[:8]))
         agg_rate = sum(n for n, _, _ in results) / (time.perf_counter() - start)
         alloc = cluster.allocation()
-        return {
-            "benchmark": "serve",
-            "model": engine.model_name,
-            "peers": args.peers,
+        mesh_figures = {
             "allocation": [[(s.peer_id[:8], s.start, s.end) for s in pipe] for pipe in alloc.pipelines],
-            "new_tokens": args.tokens,
-            "baseline_one_process_tokens_per_s": round(base["tokens_per_s"], 2),
-            "baseline_one_process_ttft_s": round(base["ttft_s"], 4),
-            "mesh_single_stream_tokens_per_s": round(single_rate, 2),
-            "mesh_single_stream_ratio": round(single_rate / base["tokens_per_s"], 3),
-            "mesh_ttft_s": round(ttft, 4),
-            "mesh_ttft_ratio": round(ttft / base["ttft_s"], 3),
-            "mesh_8_streams_tokens_per_s": round(agg_rate, 2),
-            "mesh_8_streams_ratio_to_one_process_single": round(agg_rate / base["tokens_per_s"], 3),
         }
     finally:
         await cluster.stop()
+    # The baseline again, now that the peers are gone: on a shared machine the faster of the two runs is
+    # the fair (conservative) one to divide by.
+    again = await asyncio.to_thread(_baseline, path, tok, ids_list, args.tokens)
+    base = {"tokens_per_s": max(base["tokens_per_s"], again["tokens_per_s"]),
+            "ttft_s": min(base["ttft_s"], again["ttft_s"])}
+    return {
+        "benchmark": "serve", "model": model_name, "peers": args.peers, **mesh_figures,
+        "new_tokens": args.tokens,
+        "baseline_one_process_tokens_per_s": round(base["tokens_per_s"], 2),
+        "baseline_one_process_ttft_s": round(base["ttft_s"], 4),
+        "mesh_single_stream_tokens_per_s": round(single_rate, 2),
+        "mesh_single_stream_ratio": round(single_rate / base["tokens_per_s"], 3),
+        "mesh_ttft_s": round(ttft, 4),
+        "mesh_ttft_ratio": round(ttft / base["ttft_s"], 3),
+        "mesh_8_streams_tokens_per_s": round(agg_rate, 2),
+        "mesh_8_streams_ratio_to_one_process_single": round(agg_rate / base["tokens_per_s"], 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from ..mesh.errors import MeshError, RemoteError
 from ..mesh.frames import Message
 from ..mesh.peer import Mesh
 from ..models import load_tokenizer, model_info, resolve_model
+from ..verify.service import RequestAudit, VerifyManager
 from .coordinator import allocation_of, model_cost, serving_peers
 from .sampling import Sampler, SamplingParams
 from .scheduler import Stage, route
@@ -49,6 +50,7 @@ class RequestTrace:
     failovers: int = 0
     first_token_s: float | None = None
     tokens: int = 0
+    audit: RequestAudit | None = None  # verification: inputs and commitments per stage, verdicts
 
 
 class MeshEngine:
@@ -65,6 +67,8 @@ class MeshEngine:
         self.traces: list[RequestTrace] = []
         self._inflight: dict[str, int] = {}  # peer id -> requests routed through it by this entry
         self._background: set[asyncio.Task] = set()
+        # Verification (VeriLLM): samples requests, verifies commitments, keeps peers' reputations.
+        self.verify = VerifyManager(mesh, self.path, self.info.content_hash, self.info.num_layers)
 
     # -- routing -------------------------------------------------------------------------------
     def current_route(self, prompt_tokens: int = 1, exclude: set[str] = frozenset()) -> list[Stage]:
@@ -74,6 +78,7 @@ class MeshEngine:
             raise NoRoute(f"no allocation for {self.model_name} yet")
         # Only peers that are alive, have loaded the layers they were given, and did not just fail us.
         ready = {}
+        exclude = set(exclude) | self.verify.failed_peers()  # verification: avoid peers caught cheating
         for pid, rec in live.items():
             held = alloc.layers_of(pid)
             if pid not in exclude and held is not None and rec["serving"].get("ready") and \
@@ -100,19 +105,24 @@ class MeshEngine:
             await asyncio.sleep(0.2)
 
     # -- one step ------------------------------------------------------------------------------
-    async def _step(self, chain: list[Stage], session: str, pos: int, tokens: list[int]) -> torch.Tensor:
+    async def _step(self, chain: list[Stage], session: str, pos: int, tokens: list[int],
+                    audit: RequestAudit | None = None) -> torch.Tensor:
         x: torch.Tensor = torch.tensor(tokens, dtype=torch.int64)
         for stage in chain:
             reply = await self.mesh.call(stage.peer_id, "shard.forward", Message(
                 {"model": self.model_name, "session": session, "pos": pos, "start": stage.start,
                  "end": stage.end}, {"x": x}), timeout=STAGE_TIMEOUT)
+            if audit is not None:  # verification
+                self.verify.on_call(audit, stage.peer_id, stage.start, stage.end, session, pos, x, reply.header)
             x = reply.tensors["y"]
         return x
 
-    async def _drop(self, chain: list[Stage], session: str) -> None:
+    async def _drop(self, chain: list[Stage], session: str, audit: RequestAudit | None = None) -> None:
         for stage in chain:
             with contextlib.suppress(MeshError, TimeoutError):
-                await self.mesh.call(stage.peer_id, "shard.drop", Message({"session": session}), timeout=5)
+                reply = await self.mesh.call(stage.peer_id, "shard.drop", Message({"session": session}), timeout=5)
+                if audit is not None:  # verification: the tail of the commitments
+                    self.verify.on_drop(audit, stage.peer_id, stage.start, stage.end, session, reply.header)
 
     # -- the token loop ------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
@@ -126,11 +136,12 @@ class MeshEngine:
         chain = await self._wait_route(len(tokens), set(), REROUTE_TIMEOUT)
         session, pos, failed = secrets.token_hex(8), 0, set()
         trace.routes.append([(s.peer_id, s.start, s.end) for s in chain])
+        trace.audit = audit = self.verify.begin([(s.start, s.end) for s in chain])
         self._enter(chain)
         try:
             while trace.tokens < params.max_tokens:
                 try:
-                    logits = await self._step(chain, session, pos, tokens[pos:])
+                    logits = await self._step(chain, session, pos, tokens[pos:], audit)
                 except (MeshError, TimeoutError) as exc:
                     if isinstance(exc, RemoteError) and exc.code not in ("BadForward", "SessionEvicted", "RuntimeClosed"):
                         raise
@@ -138,7 +149,7 @@ class MeshEngine:
                     failed |= {bad} if bad else set()
                     log.warning("stage failed (%s); re-routing request with %d tokens", exc, len(tokens))
                     self._leave(chain)
-                    self._drop_later(chain, session)
+                    self._drop_later(chain, session, audit)
                     chain = await self._wait_route(len(tokens), failed, REROUTE_TIMEOUT)
                     self._enter(chain)
                     session, pos = secrets.token_hex(8), 0
@@ -157,12 +168,15 @@ class MeshEngine:
         finally:
             self._leave(chain)
             # Free the caches without making the caller wait for it.
-            self._drop_later(chain, session)
+            dropped = self._drop_later(chain, session, audit)
+            audit.tokens, audit.generate_s = trace.tokens, time.perf_counter() - started
+            self.verify.finish_later(audit, dropped)  # verification of the sampled stages
 
-    def _drop_later(self, chain: list[Stage], session: str) -> None:
-        task = asyncio.ensure_future(self._drop(chain, session))
+    def _drop_later(self, chain: list[Stage], session: str, audit: RequestAudit | None = None) -> asyncio.Task:
+        task = asyncio.ensure_future(self._drop(chain, session, audit))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     def _enter(self, chain: list[Stage]) -> None:
         for s in chain:

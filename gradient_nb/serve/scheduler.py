@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -126,49 +125,17 @@ def model_cost_from_config(config: Any, bytes_per_param: float = 4.0) -> ModelCo
 
 
 def measure_compute(seconds: float = 0.3, device: str = "cpu", n: int = 512) -> float:
-    """Dense matmul throughput of ``device`` in TFLOP/s (fp32 on CPU, bf16 on CUDA, as models run)."""
-    import torch
+    """Dense matmul throughput of ``device`` in TFLOP/s: the probe every peer publishes in the registry."""
+    from ..mesh.resources import matmul_tflops
 
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    torch.matmul(a, b)  # the first call pays for kernel choice and allocation
-    sync()
-    runs, start = 0, time.perf_counter()
-    while True:
-        torch.matmul(a, b)
-        runs += 1
-        if runs % 4 == 0:
-            sync()
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                return 2 * n**3 * runs / elapsed / 1e12
+    return matmul_tflops(device, seconds, n)
 
 
 def measure_free_memory(device: str = "cpu") -> int:
-    """Bytes available now on ``device``: CUDA's own figure, else MemAvailable from /proc/meminfo."""
-    if device.startswith("cuda"):
-        import torch
+    """Bytes available now on ``device`` (what the registry publishes)."""
+    from ..mesh.resources import free_memory
 
-        free, _total = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
-    try:
-        import psutil  # type: ignore[import-untyped]
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    return free_memory(device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from .frames import Message
 from .ice import IceConfig, explain_failure
 from .identity import Identity
 from .link import Link, LinkFailed, answer_link, offer_link
-from .rendezvous import hello_signature_payload, secret_mac
+from .rendezvous import YChannel, hello_signature_payload, secret_mac
 from .rpc import CallContext, RpcEndpoint, Services
 from .signaling import EnvelopeOpener, seal
 from .state import MeshState
@@ -91,35 +91,6 @@ class _TransportChannel:
     async def send(self, message: bytes) -> None:
         with contextlib.suppress(LinkClosed):
             await self._t.send(message)
-
-
-class _RendezvousChannel:
-    """A pycrdt ``Channel`` for the Yjs messages multiplexed on the rendezvous websocket."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, path: str) -> None:
-        self._ws, self._path = ws, path
-        self.inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-    @property
-    def path(self) -> str:
-        return self._path
-
-    def __aiter__(self) -> _RendezvousChannel:
-        return self
-
-    async def __anext__(self) -> bytes:
-        item = await self.inbox.get()
-        if item is None:
-            raise StopAsyncIteration
-        return item
-
-    async def recv(self) -> bytes:
-        return await self.__anext__()
-
-    async def send(self, message: bytes) -> None:
-        if not self._ws.closed:
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await self._ws.send_bytes(msgpack.packb({"t": "y", "data": bytes(message)}))
 
 
 @dataclass
@@ -181,7 +152,7 @@ class Mesh:
         self._tasks: set[asyncio.Task] = set()
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._room_channel: _RendezvousChannel | None = None
+        self._room_channel: YChannel | None = None
         self._rendezvous_peers: set[str] = set()
         self._closed = False
         self.rejected_signals = 0
@@ -319,7 +290,7 @@ class Mesh:
         self._rendezvous_peers = {p for p in reply.get("peers", []) if isinstance(p, str)}
         for pid in self._rendezvous_peers:
             self.dht.add_contact(pid)
-        self._room_channel = _RendezvousChannel(ws, f"rendezvous/{self.mesh_name}")
+        self._room_channel = YChannel(ws, f"rendezvous/{self.mesh_name}")
         provider = self._room_provider = Provider(self.state.doc, self._room_channel)
         provider_task = self._spawn(provider.start(), "mesh-rendezvous-sync")
         self._spawn(self._rendezvous_reader(ws, provider_task), "mesh-rendezvous-reader")
@@ -348,7 +319,7 @@ class Mesh:
                     continue
                 kind = m.get("t")
                 if kind == "y" and isinstance(m.get("data"), bytes) and channel is not None:
-                    channel.inbox.put_nowait(m["data"])
+                    await channel.inbox.put(m["data"])
                 elif kind == "signal" and isinstance(m.get("env"), bytes):
                     self._spawn(self._on_signal(m["env"]), "mesh-signal")
                 elif kind == "joined" and isinstance(m.get("peer"), str):
@@ -362,7 +333,7 @@ class Mesh:
                         fut[1].set_exception(PeerUnreachable(str(m.get("message"))))
         finally:
             if channel is not None:
-                channel.inbox.put_nowait(None)
+                channel.close()
             provider_task.cancel()
             if self._ws is ws:
                 self._ws = None

@@ -50,10 +50,12 @@ def secret_mac(secret: str, nonce: bytes) -> bytes:
     return hmac.new(hashlib.sha256(secret.encode()).digest(), nonce, hashlib.sha256).digest()
 
 
-class _RoomChannel:
-    """Adapts one peer's multiplexed websocket to the pycrdt ``Channel`` a ``YRoom`` serves."""
+class YChannel:
+    """The Yjs messages multiplexed on a rendezvous websocket, as the pycrdt ``Channel`` that a
+    ``YRoom`` (server side) or a ``Provider`` (peer side) syncs through. The websocket's reader feeds
+    ``inbox``; ``None`` there ends the channel."""
 
-    def __init__(self, ws: web.WebSocketResponse, path: str) -> None:
+    def __init__(self, ws: Any, path: str) -> None:
         self._ws = ws
         self._path = path
         self.inbox: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
@@ -62,7 +64,7 @@ class _RoomChannel:
     def path(self) -> str:
         return self._path
 
-    def __aiter__(self) -> _RoomChannel:
+    def __aiter__(self) -> YChannel:
         return self
 
     async def __anext__(self) -> bytes:
@@ -79,6 +81,10 @@ class _RoomChannel:
             return
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self._ws.send_bytes(msgpack.packb({"t": "y", "data": bytes(message)}))
+
+    def close(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self.inbox.put_nowait(None)
 
 
 @dataclass
@@ -201,13 +207,12 @@ class Rendezvous:
         await ws.send_bytes(msgpack.packb({"t": "welcome", "peers": [p for p in mesh.peers if p != peer_id]}))
         await self._broadcast(mesh, {"t": "joined", "peer": peer_id}, exclude=peer_id)
         room = await self._yserver.get_room(mesh_name)
-        channel = _RoomChannel(ws, f"{mesh_name}/{peer_id}")
+        channel = YChannel(ws, f"{mesh_name}/{peer_id}")
         room_task = asyncio.create_task(room.serve(channel), name=f"room-{peer_id[:8]}")
         try:
             await self._relay(ws, mesh, peer_id, channel)
         finally:
-            with contextlib.suppress(asyncio.QueueFull):
-                channel.inbox.put_nowait(None)
+            channel.close()
             room_task.cancel()
             with contextlib.suppress(BaseException):
                 await room_task
@@ -218,7 +223,7 @@ class Rendezvous:
         return ws
 
     async def _relay(self, ws: web.WebSocketResponse, mesh: _Mesh, peer_id: str,
-                     channel: _RoomChannel) -> None:
+                     channel: YChannel) -> None:
         async for msg in ws:
             if msg.type != WSMsgType.BINARY:
                 if msg.type in (WSMsgType.ERROR, WSMsgType.CLOSE):

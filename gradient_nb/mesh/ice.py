@@ -14,6 +14,7 @@ order: the user lists them once and never chooses by hand.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import ssl
 from collections.abc import Iterable
@@ -178,6 +179,29 @@ def selected_pair(pc: Any) -> dict[str, Any] | None:
             "link_type": "relay" if local.type == "relay" or remote_is_relay else "direct"}
 
 
+def same_network(local_candidates: Iterable[Any], remote_candidates: Iterable[Any]) -> bool:
+    """Whether two peers' host candidates share an address (one machine) or a private IPv4 /24 (one LAN):
+    then a failed link is not the NATs' doing."""
+    def hosts(cands: Iterable[Any]) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        out = set()
+        for c in cands:
+            if c.type == "host":
+                with contextlib.suppress(ValueError):
+                    out.add(ipaddress.ip_address(_host(c).split("%", 1)[0]))
+        return out
+
+    loc, rem = list(local_candidates), list(remote_candidates)
+    public_loc = {_host(c) for c in loc if c.type == "srflx"}
+    public_rem = {_host(c) for c in rem if c.type == "srflx"}
+    if public_loc and public_rem and not public_loc & public_rem:
+        return False  # behind different NATs: private ranges are reused everywhere (192.168.1.x)
+    mine, theirs = hosts(loc), hosts(rem)
+    if mine & theirs:
+        return True
+    nets = {ipaddress.ip_network(f"{a}/24", strict=False) for a in mine if a.version == 4 and a.is_private}
+    return any(a in net for a in theirs if a.version == 4 for net in nets)
+
+
 def explain_failure(local: IceConfig, local_candidates: Iterable[Any], remote_candidates: Iterable[Any]) -> str:
     """Why a link between these candidates could not connect, and what would fix it.
 
@@ -206,6 +230,10 @@ def explain_failure(local: IceConfig, local_candidates: Iterable[Any], remote_ca
                 "(IceConfig(turn='turn:HOST:3478?transport=tcp' or 'turns:HOST:5349', ...)).")
     if not rem:
         return "The remote peer sent no candidates; it has no usable network address."
+    if same_network(loc, rem):
+        return ("Both peers offered addresses on one local network and no candidate pair answered in time: "
+                "the machine or the peer processes were probably too busy for ICE's checks, or a local "
+                "firewall drops UDP between them.")
     behind_nat = [not public(loc), not public(rem)]
     # A peer-reflexive candidate on the public address of a peer's NAT, but on a port that its
     # STUN-learned candidate did not announce, means that NAT gave a new port per destination.

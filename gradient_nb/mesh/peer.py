@@ -36,7 +36,7 @@ from . import resources
 from .dht import Dht
 from .errors import JoinRefused, MeshError, PeerUnreachable, RemoteError, SignatureInvalid, UnknownMethod
 from .frames import Message
-from .ice import IceConfig, explain_failure
+from .ice import IceConfig, explain_failure, same_network
 from .identity import Identity
 from .link import Link, LinkFailed, answer_link, offer_link
 from .rendezvous import YChannel, hello_signature_payload, secret_mac
@@ -207,11 +207,26 @@ class Mesh:
                                        return_exceptions=True)
         if any(not isinstance(r, BaseException) for r in results):
             return
+        # An attempt still running between peers on one network is slow (a busy machine), not doomed:
+        # let it use the rest of its connect time before the join gives up.
+        slow = [p for p in others if p in self._connecting and p not in self.link_errors and self._near(p)]
+        if slow:
+            retried = dict(zip(slow, await asyncio.gather(
+                *(self._link_to(p, CONNECT_TIMEOUT) for p in slow), return_exceptions=True), strict=True))
+            if any(not isinstance(r, BaseException) for r in retried.values()):
+                return
+            results = [retried.get(p, r) for p, r in zip(others, results, strict=True)]
         names = {pid: rec.get("name", "") for pid, rec in self.state.peers().items()}
         reasons = "; ".join(f"{names.get(p) or 'peer'} ({p[:8]}): {self._why_unlinked(p, r)}"
                             for p, r in zip(others, results, strict=True))
         raise JoinRefused(f"joined the rendezvous but could not link to any peer of mesh {self.mesh_name!r}: "
                           f"{reasons}")
+
+    def _near(self, peer_id: str) -> bool:
+        """Whether a link attempt to ``peer_id`` is between peers on one network (or has no answer yet, so
+        the network is not known to be the obstacle)."""
+        local, remote = self._link_sdps.get(peer_id, (None, None))
+        return not (local and remote) or same_network(_sdp_candidates(local), _sdp_candidates(remote))
 
     def _why_unlinked(self, peer_id: str, error: BaseException) -> str:
         if peer_id in self.link_errors:

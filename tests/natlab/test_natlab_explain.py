@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from aioice import Candidate
 
-from gradient_nb.mesh.ice import IceConfig, explain_failure, install_aioice_fixes, relay_can_reach
+from gradient_nb.mesh.ice import (
+    IceConfig,
+    explain_failure,
+    install_aioice_fixes,
+    relay_can_reach,
+    same_network,
+)
 
 STUN = IceConfig(stun="stun:198.51.100.1:3478")
 
@@ -42,6 +48,19 @@ def test_turn_configured_without_relay_candidate() -> None:
 def test_relay_present_points_at_the_relay() -> None:
     text = explain_failure(STUN, [cand("relay", "198.51.100.1")], [cand("srflx", "198.51.100.12")])
     assert "relay was available" in text
+
+
+def test_peers_on_one_machine_or_lan_are_not_blamed_on_nats() -> None:
+    no_stun = IceConfig()
+    one_host = explain_failure(no_stun, [cand("host", "172.17.0.5")], [cand("host", "172.17.0.5", 5000)])
+    assert "one local network" in one_host and "busy" in one_host
+    assert same_network([cand("host", "192.168.1.5")], [cand("host", "192.168.1.9")])
+    assert not same_network([cand("host", "10.1.0.2")], [cand("host", "10.2.0.2")])
+    # The same private /24 behind two different NATs (two homes on 192.168.1.x) is not one network.
+    assert not same_network([cand("host", "192.168.1.5"), cand("srflx", "198.51.100.11")],
+                            [cand("host", "192.168.1.5"), cand("srflx", "198.51.100.12")])
+    assert same_network([cand("host", "192.168.1.5"), cand("srflx", "198.51.100.11")],
+                        [cand("host", "192.168.1.9"), cand("srflx", "198.51.100.11")])
 
 
 def test_ice_config_round_trips_with_fallbacks() -> None:

@@ -3,15 +3,21 @@
 Each magic parses and checks its arguments in the cell (bad input is a clear ``UsageError`` at once),
 shows its widgets in the cell, then hands the work to the kernel's :class:`NotebookSession`, which runs
 it on the kernel's event loop: the cell returns immediately, its widgets keep updating, and other cells
-run meanwhile. ``%mesh?`` and ``%parallax?`` print the full help.
+run meanwhile. The exception is ``%%parallax ask``: a request belongs to its cell, so the cell runs until
+the answer is complete (the event loop keeps running meanwhile) and interrupting it cancels that request
+(see :class:`AskCell`); ``--background`` gives the old behaviour. ``%mesh?`` and ``%parallax?`` print the
+full help.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import asyncio
 import html
 import shlex
 import time
+from collections.abc import Generator
 from typing import Any
 
 import ipywidgets as widgets
@@ -21,10 +27,11 @@ from IPython.display import display
 
 from .session import NotebookSession, current, when_done
 
-__all__ = ["SERVE_KEYS", "GradientMagics", "parse_serve_config"]
+__all__ = ["SERVE_KEYS", "AskCell", "GradientMagics", "parse_serve_config"]
 
 MESH_USAGE = "usage: %mesh join [URL] | spawn N | status | watch | leave   (%mesh? for help)"
-PARALLAX_USAGE = "usage: %%parallax serve | %%parallax ask | %parallax status   (%parallax? for help)"
+PARALLAX_USAGE = ("usage: %%parallax serve | %%parallax ask | %parallax status | %parallax cancel"
+                  "   (%parallax? for help)")
 STREAM_INTERVAL_S = 0.1  # stream answers, but don't flood the front-end with one message per token
 
 
@@ -68,6 +75,8 @@ def _ask_parser() -> _Parser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--background", action="store_true",
+                   help="return at once; the answer streams into the cell while other cells run")
     return p
 
 
@@ -160,8 +169,109 @@ def _error_html(what: str, exc: BaseException) -> str:
                    f"{html.escape(str(exc))}</span>")
 
 
+class AskCell:
+    """What ``%%parallax ask`` returns; the cell awaits it (see :class:`AwaitAskCells`).
+
+    Why the cell waits rather than returning at once: a request is the cell's work, and a JupyterLab
+    user stops a cell's work with the interrupt button (or Run All stops at a cell that failed). A cell
+    that returned while its answer streamed on would leave nothing for the interrupt to reach: ipykernel
+    ignores SIGINT between cells. Awaiting keeps the kernel's event loop running (serving, the mesh,
+    widgets, the Mesh panel's comm all go on) and makes the cell's await the request's only owner:
+    ipykernel cancels an awaiting cell on interrupt, the cancellation reaches the request task through
+    the plain ``await`` below, and the token loop's ``finally`` frees the route and the peers' caches.
+    """
+
+    def __init__(self, task: asyncio.Task, follow: bool) -> None:
+        self.task = task
+        self.follow = follow  # False with --background: the cell returns at once
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._follow().__await__()
+
+    async def _follow(self) -> None:
+        if self.follow:
+            # Not shielded, on purpose: cancelling the cell cancels the request. The text is not
+            # returned: the cell's widget shows it already, and a result would be shown a second time.
+            await self.task
+
+    def _ipython_display_(self) -> None:
+        # Not awaited (``run_cell_magic`` from code, a terminal IPython): the request goes on in the
+        # background as with --background, and its widget is the output; the handle shows nothing.
+        pass
+
+
+def _ask_call(src: str) -> tuple[str, str] | None:
+    """(line, body) when ``src`` is exactly IPython's rewrite of one ``%%parallax ask`` cell."""
+    if "run_cell_magic" not in src:  # the common case, without parsing
+        return None
+    try:
+        tree = ast.parse(src)
+    except SyntaxError:
+        return None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr):
+        return None
+    call = tree.body[0].value
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+            and call.func.attr == "run_cell_magic" and isinstance(call.func.value, ast.Call)
+            and isinstance(call.func.value.func, ast.Name) and call.func.value.func.id == "get_ipython"
+            and not call.keywords and len(call.args) == 3
+            and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in call.args)):
+        return None
+    name, line, body = (a.value for a in call.args)  # type: ignore[attr-defined]
+    if name != "parallax" or line.split()[:1] != ["ask"]:
+        return None
+    return line, body
+
+
+class AwaitAskCells:
+    """An IPython input transformer: a ``%%parallax ask`` cell becomes ``await <the magic>``.
+
+    IPython runs a magic as a plain call, and an ordinary function cannot wait on the event loop it runs
+    on. A cell with a top-level ``await``, though, is run by ipykernel as a task that it cancels on
+    interrupt, so awaiting the :class:`AskCell` the magic returns makes the cell follow its request.
+
+    Only the cell the kernel was asked to execute is rewritten: ``%%time`` or ``%%capture`` around the
+    magic, or ``get_ipython().run_cell(...)``, run it as nested synchronous code, where an ``await``
+    would be a syntax error or would need the running loop; there the answer streams in the background.
+    """
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+
+    def __call__(self, lines: list[str]) -> list[str]:
+        call = _ask_call("".join(lines))
+        if call is None or not self._is_executed_cell(call):
+            return lines
+        line, body = call
+        return [f"await get_ipython().run_cell_magic('parallax', {line!r}, {body!r})\n"]
+
+    def _is_executed_cell(self, call: tuple[str, str]) -> bool:
+        shell = self.shell
+        if not getattr(shell, "autoawait", False):
+            return False  # %autoawait off: a top-level await would be a SyntaxError
+        try:
+            from IPython.core.async_helpers import _asyncio_runner
+        except ImportError:
+            return False
+        if shell.loop_runner is not _asyncio_runner:
+            return False  # %autoawait trio/curio: the request is an asyncio task it could not await
+        kernel = getattr(shell, "kernel", None)
+        if kernel is None or not hasattr(kernel, "get_parent"):
+            return False  # a terminal IPython: no event loop runs between cells
+        parent = kernel.get_parent("shell") or {}
+        if parent.get("header", {}).get("msg_type") != "execute_request":
+            return False
+        code = parent.get("content", {}).get("code", "")
+        return _ask_call(shell.input_transformer_manager.transform_cell(code)) == call
+
+
 @magics_class
 class GradientMagics(Magics):
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell, **kwargs)
+        if shell is not None and not any(isinstance(t, AwaitAskCells) for t in shell.input_transformers_post):
+            shell.input_transformers_post.append(AwaitAskCells(shell))
+
     @line_magic
     def mesh(self, line: str) -> Any:
         """Join, inspect and leave a mesh (the work runs in the background; the cell returns at once).
@@ -321,12 +431,16 @@ class GradientMagics(Magics):
             layers unless `layers` is given); the cell shows live widgets of the allocation and of each
             peer's tokens/s, queue and latency. An empty body serves the bundled model.
 
-        %%parallax ask [--max-tokens N] [--temperature T] [--top-p P] [--seed S]
+        %%parallax ask [--max-tokens N] [--temperature T] [--top-p P] [--seed S] [--background]
         What is the capital of France?
-            Streams the answer of the served model (greedy unless --temperature) into the cell's output;
+            Streams the answer of the served model (greedy unless --temperature) into the cell's output.
+            The cell runs until the answer is complete (waiting for the model to be served first);
+            interrupting the kernel cancels this request only, serving goes on. With --background the
+            cell returns at once and other cells run while the answer streams. Either way,
             `await current().answer()` in a later cell waits for it and returns the text.
 
         %parallax status    the allocation and the route a request would take now
+        %parallax cancel    cancel the answers still streaming from --background asks
         """
         try:
             args = shlex.split(line)
@@ -354,6 +468,12 @@ class GradientMagics(Magics):
             if rest or cell is not None:
                 raise UsageError("%parallax status takes no arguments")
             return self._status(s)
+        if cmd == "cancel":
+            if rest or cell is not None:
+                raise UsageError("%parallax cancel takes no arguments")
+            n = s.cancel_asks()
+            print(f"cancelled {n} answer{'s' * (n != 1)}" if n else "no answer is streaming")
+            return None
         raise UsageError(f"unknown %parallax command {cmd!r}\n{PARALLAX_USAGE}")
 
     def _serve(self, s: NotebookSession, cfg: dict[str, Any]) -> None:
@@ -375,7 +495,7 @@ class GradientMagics(Magics):
             raise UsageError(str(exc)) from None
         s.serving_monitor = monitor.show()
 
-    def _ask(self, s: NotebookSession, prompt: str, ns: argparse.Namespace) -> None:
+    def _ask(self, s: NotebookSession, prompt: str, ns: argparse.Namespace) -> AskCell:
         out = widgets.HTML("<i>waiting for the served model…</i>")
         out.add_class("gradient-nb-answer")
         display(out)
@@ -405,6 +525,7 @@ class GradientMagics(Magics):
                            top_p=ns.top_p, seed=ns.seed,
                            on_error=lambda e: setattr(out, "value", _error_html("ask failed", e)))
         when_done(task, finished)
+        return AskCell(task, follow=not ns.background)
 
     def _status(self, s: NotebookSession) -> None:
         from ..serve.coordinator import allocation_of

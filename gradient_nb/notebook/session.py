@@ -15,7 +15,10 @@ From a cell, the awaitable API waits for that work without blocking the kernel::
     mesh = await nb.wait_mesh()          # the join started by %mesh join
     await nb.ready(serving_peers=3)      # the model is served and a route covers every layer
     text = await nb.ask("What is the capital of France?")   # interrupting the cell cancels only this
-    text = await nb.answer()             # the answer %%parallax ask is streaming
+    text = await nb.answer()             # the answer of the last %%parallax ask (waits if it streams)
+
+When the kernel exits (shutdown, restart), the session leaves the mesh cleanly from an ``atexit`` hook
+(see :meth:`NotebookSession._at_exit`), so the other peers see it go at once instead of timing it out.
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ JOIN_TIMEOUT = 120.0
 # time on a fresh machine (the GGUF is dequantised once), and longer on a busy one.
 SERVE_TIMEOUT = 300.0
 PEER_START_TIMEOUT = 120.0
+# At kernel shutdown jupyter_client waits `shutdown_wait_time` (5 s by default, the same in Jupyter
+# Server) before it SIGKILLs the kernel; SIGTERM comes at half of it, which the exit hook holds off.
+# The leave must fit in what is left after ipykernel's own shutdown, so the serving handover is short:
+# withdrawing from serving is published at once, and requests on other entries fail over anyway.
+EXIT_LEAVE_TIMEOUT = 3.5
+EXIT_HANDOVER_TIMEOUT = 1.0
+LEAVE_HANDOVER_TIMEOUT = 10.0
 
 
 def _die_with_parent() -> None:
@@ -117,12 +127,18 @@ class NotebookSession:
         self._serve_task: asyncio.Task | None = None
         self._ask_task: asyncio.Task | None = None
         self._leave_task: asyncio.Task | None = None
+        self._ask_tasks: set[asyncio.Task] = set()  # every ask still generating (the last is _ask_task)
+        # The kernel's event loop, where the mesh lives: the exit hook runs the leave on it.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._exiting = False
         # The widgets the last `%%parallax serve` / `%mesh watch` showed (to reuse or inspect them).
         self.serving_monitor: Any = None
         self.mesh_monitor: Any = None
         self._tasks: set[asyncio.Task] = set()
         self._engine_lock: asyncio.Lock | None = None
-        atexit.register(self._kill_local_peers)
+        # Registered after ipykernel's own atexit handlers (the extension loads after the kernel starts),
+        # so it runs before them (atexit is last in, first out): iopub and the sockets are still open.
+        atexit.register(self._at_exit)
         _quiet_logs()
 
     # -- tasks ---------------------------------------------------------------------------------
@@ -162,6 +178,7 @@ class NotebookSession:
             raise RuntimeError("already joining a mesh")
         if self.mesh is not None:
             raise RuntimeError(f"already in mesh {self.mesh.mesh_name!r}; run %mesh leave first")
+        self._loop = asyncio.get_running_loop()
         # Whoever waits for the join reports its failure (the magic's status line, the panel's reply).
         self._join_task = self.spawn(self._join(url, **kw), "gradient-nb-join", on_error=lambda _exc: None)
         return self._join_task
@@ -247,23 +264,59 @@ class NotebookSession:
             self.spawn(peer._read_joined(PEER_START_TIMEOUT), f"gradient-nb-peer-{peer.name}")
         return started
 
-    async def stop_local_peers(self) -> None:
+    async def stop_local_peers(self, wait: bool = True) -> None:
+        """Stop the peers :meth:`spawn_local_peers` started; ``wait=False`` only asks them (SIGTERM)."""
         peers, self.local_peers = self.local_peers, []
         if peers:
             from ..mesh.demo import stop_processes
 
-            await asyncio.to_thread(stop_processes, [p.proc for p in peers])
+            if wait:
+                await asyncio.to_thread(stop_processes, [p.proc for p in peers])
+            else:
+                # Each one leaves the mesh by itself on SIGTERM (and hands its layers over); the kernel
+                # need not outlive that, and at exit it cannot wait in a thread anyway.
+                self._kill_local_peers(peers)
             for p in peers:
                 with contextlib.suppress(Exception):
                     p.proc.stdout.close()  # type: ignore[union-attr]
                 with contextlib.suppress(OSError):
                     os.unlink(p.log_path)
 
-    def _kill_local_peers(self) -> None:
-        for p in self.local_peers:
+    def _kill_local_peers(self, peers: list[LocalPeer] | None = None) -> None:
+        for p in self.local_peers if peers is None else peers:
             if p.alive():
                 with contextlib.suppress(Exception):
                     p.proc.terminate()
+
+    def _at_exit(self) -> None:
+        """The kernel is exiting (shutdown or restart): leave the mesh cleanly, then stop the local peers.
+
+        Runs from ``atexit``: IPython has no shutdown event, and ipykernel (6 and 7) handles a
+        shutdown_request by stopping the kernel's event loop and letting the process exit. The loop is
+        stopped then, not closed, and every link, socket and task of the mesh belongs to it, so the leave
+        runs on that same loop again, bounded. What it cannot use: worker threads (``to_thread``), since
+        the interpreter has shut the executors down before ``atexit`` handlers run.
+        """
+        loop = self._loop
+        try:
+            if (loop is None or loop.is_closed() or loop.is_running()
+                    or (self.mesh is None and self.server is None and self.rendezvous is None)):
+                return
+            self._exiting = True
+            # jupyter_client sends SIGTERM half way through its wait, which would end the process in the
+            # middle of the leave; the leave is bounded, and SIGKILL still follows if it were not.
+            held = None
+            with contextlib.suppress(ValueError):  # not the main thread: nothing to hold off
+                held = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                loop.run_until_complete(asyncio.wait_for(self.leave(), EXIT_LEAVE_TIMEOUT))
+            finally:
+                if held is not None:
+                    signal.signal(signal.SIGTERM, held)
+        except BaseException as exc:  # at exit: report it, and still stop the local peers below
+            log.error("leaving the mesh at kernel exit failed: %s: %s", type(exc).__name__, exc)
+        finally:
+            self._kill_local_peers()
 
     def start_leave(self, on_error: Callable[[BaseException], None] | None = None) -> asyncio.Task:
         """:meth:`leave` in the background; :meth:`wait_left` waits for it."""
@@ -278,22 +331,29 @@ class NotebookSession:
 
     async def leave(self) -> None:
         """Stop serving, stop the local peers, leave the mesh and stop the local rendezvous."""
+        local_ids = {p.peer_id for p in self.local_peers}
+        if self._exiting:
+            # First, so that they leave at the same time as this kernel rather than after it.
+            await self.stop_local_peers(wait=False)
         me = asyncio.current_task()
         for t in list(self._tasks):
             if t is not me:
                 t.cancel()
         if self.api is not None:
             with contextlib.suppress(Exception):
-                await self.api.stop()
+                # At exit, clients of the API lose it with the process anyway: the little time left
+                # goes to what the other peers see (the withdrawal from serving and from the registry).
+                await self.api.stop(timeout=0.5 if self._exiting else 5.0)
             self.api = None
         if self.server is not None:
             # Hand over only to peers that stay: the local ones are about to stop with us.
             from ..serve.coordinator import serving_peers
 
-            ours = {self.server.mesh.id, *(p.peer_id for p in self.local_peers)}
+            ours = {self.server.mesh.id, *local_ids}
             stays = set(serving_peers(self.server.mesh, self.server.model_id)) - ours
+            handover = EXIT_HANDOVER_TIMEOUT if self._exiting else LEAVE_HANDOVER_TIMEOUT
             with contextlib.suppress(Exception):
-                await self.server.stop(handover_timeout=10 if stays else 0)
+                await self.server.stop(handover_timeout=handover if stays else 0)
             self.server = None
         self.engine = None
         await self.stop_local_peers()
@@ -397,9 +457,22 @@ class NotebookSession:
 
     def start_ask(self, prompt: str, on_text: Callable[[str, int], None] | None = None,
                   on_error: Callable[[BaseException], None] | None = None, **params: Any) -> asyncio.Task:
-        """:meth:`ask` in the background; :meth:`answer` waits for it."""
-        self._ask_task = self.spawn(self.ask(prompt, on_text=on_text, **params), "parallax-ask", on_error=on_error)
-        return self._ask_task
+        """:meth:`ask` in the background; :meth:`answer` waits for it, :meth:`cancel_asks` stops it."""
+        task = self.spawn(self.ask(prompt, on_text=on_text, **params), "parallax-ask", on_error=on_error)
+        self._ask_task = task
+        self._ask_tasks.add(task)
+        when_done(task, self._ask_tasks.discard)
+        return task
+
+    def cancel_asks(self) -> int:
+        """Cancel every request started by :meth:`start_ask` that is still generating; returns how many.
+
+        Only those requests stop: serving and the mesh go on.
+        """
+        running = [t for t in self._ask_tasks if not t.done()]
+        for t in running:
+            t.cancel()
+        return len(running)
 
     async def answer(self, timeout: float = SERVE_TIMEOUT) -> str:
         """The answer of the last ``%%parallax ask``, waiting for it to finish."""

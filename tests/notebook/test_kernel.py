@@ -50,6 +50,7 @@ def test_bad_arguments_are_clear_usage_errors(kernel: Kernel) -> None:
         "%%parallax ask\n   \n ": "the cell body is the prompt",
         "%%parallax ask --temperature 5\nhi": "--temperature in [0, 2]",
         "%parallax nonsense": "unknown %parallax command",
+        "%parallax cancel now": "takes no arguments",
     }
     for code, expected in cases.items():
         cell = kernel.run(code, ok=False)
@@ -60,7 +61,8 @@ def test_bad_arguments_are_clear_usage_errors(kernel: Kernel) -> None:
     for sub in ("%mesh join", "%mesh spawn", "%mesh status", "%mesh watch", "%mesh leave"):
         assert sub in help_text
     help_text = json.dumps(kernel.run("%parallax?").payload)
-    for sub in ("%%parallax serve", "%%parallax ask", "%parallax status", "memory_cap"):
+    for sub in ("%%parallax serve", "%%parallax ask", "%parallax status", "%parallax cancel", "--background",
+                "memory_cap"):
         assert sub in help_text
     # Nothing was started by any of them.
     kernel.run("from gradient_nb.notebook.session import current\nnb = current()")
@@ -99,7 +101,7 @@ def test_serving_in_the_background_while_cells_run(kernel: Kernel, procs: Procs)
     assert kernel.value("nb.server.layers is not None")
 
     # A long answer streams in the background; meanwhile this kernel keeps executing cells.
-    kernel.run("%%parallax ask --max-tokens 48\nWrite a short poem about the moon.")
+    kernel.run("%%parallax ask --background --max-tokens 48\nWrite a short poem about the moon.")
     seen = kernel.wait_value("[nb._ask_task.done(), nb.answer_tokens, sum(range(10))]",
                              lambda v: v[1] > 0 or v[0], timeout=300, what="the first tokens")
     assert seen[0] is False, "the answer finished before any cell could run beside it"
@@ -108,8 +110,8 @@ def test_serving_in_the_background_while_cells_run(kernel: Kernel, procs: Procs)
     assert kernel.value("nb.answer_tokens") >= seen[1]
     assert len(poem) > 20
 
-    # Greedy answer of the real model, served across three processes.
-    kernel.run("%%parallax ask\nWhat is the capital of France?")
+    # Greedy answer of the real model, served across three processes (the cell runs until it is complete).
+    kernel.run("%%parallax ask\nWhat is the capital of France?", timeout=300)
     answer = kernel.value("await nb.answer()", timeout=300)
     assert "Paris" in answer
     kernel.pump(1.5)  # the widgets' last updates
@@ -137,7 +139,7 @@ def test_serving_in_the_background_while_cells_run(kernel: Kernel, procs: Procs)
     stopped_at = kernel.value("nb.answer_tokens")
     assert stopped_at < 400
     assert "ServingMonitor-refresh" in kernel.value("nb.busy")
-    kernel.run("%%parallax ask\nWhat is the capital of France?")
+    kernel.run("%%parallax ask\nWhat is the capital of France?", timeout=300)
     assert "Paris" in kernel.value("await nb.answer()", timeout=300)
 
     df = kernel.value("nb.mesh.metrics('peers').group_by('name').agg("

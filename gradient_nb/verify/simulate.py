@@ -103,6 +103,19 @@ def perturb_weights(shard: ShardModel, rel: float = 0.01, seed: int = 0) -> Shar
     return s
 
 
+def perturbed_shard(path: Any, start: int, end: int, rel: float = 0.01, *, dtype: torch.dtype = torch.float32,
+                    quantization: str | None = None, seed: int = 0) -> ShardModel:
+    """Layers ``start..end`` at ``dtype`` / ``quantization`` whose weights carried noise of ``rel`` x each
+    matrix's std before quantizing (quantized weights cannot be perturbed in place: they are packed)."""
+    s = perturb_weights(load_shard(path, start, end, dtype=dtype), rel, seed)
+    if quantization is not None:
+        from ..models.quantize import quantize_linears
+
+        quantize_linears(s.layers, quantization, dtype=dtype)
+        s.quantization = quantization
+    return s
+
+
 def nf4_shard(path: Any, start: int, end: int) -> ShardModel:
     return load_shard(path, start, end, quantization="nf4")
 

@@ -49,11 +49,57 @@ class Tolerance:
 
     @classmethod
     def for_precision(cls, dtype: str = "float32", quantization: str | None = None) -> Tolerance:
-        """Quantized or half-precision serving is nondeterministic at its own precision (int8
-        calibrated; nf4 and 16-bit floats get the same limits, not separately calibrated)."""
-        if quantization in ("int8", "nf4") or dtype in ("float16", "bfloat16"):
-            return cls(max_err=0.75, mean_err=0.1, min_overlap=0.4, mean_overlap=0.8)
-        return cls()
+        """The limits for a shard served (and re-computed) at ``dtype`` with ``quantization``.
+
+        Each precision has its own calibration (see ``_PRECISION_LIMITS``); a quantized shard computing
+        in a 16-bit float gets the looser of the two, since both sources of nondeterminism apply. An
+        unknown quantization gets the loosest calibrated limits (int8) rather than failing honest peers;
+        an unknown dtype the float32 ones (the loader only serves the dtypes named here).
+        """
+        by_dtype = _PRECISION_LIMITS.get(str(dtype).removeprefix("torch."), cls())
+        if quantization is None:
+            return by_dtype
+        by_quant = _PRECISION_LIMITS.get(str(quantization), _PRECISION_LIMITS["int8"])
+        return cls(max_err=max(by_dtype.max_err, by_quant.max_err),
+                   mean_err=max(by_dtype.mean_err, by_quant.mean_err),
+                   min_overlap=min(by_dtype.min_overlap, by_quant.min_overlap),
+                   mean_overlap=min(by_dtype.mean_overlap, by_quant.mean_overlap))
+
+
+# Per-precision limits, each set with a safety margin over the honest maxima measured on the bundled
+# model (SmolLM2-135M, CPU): 3 stages (0:10, 10:20, 20:30), requests of 20 tokens (a 6-token prefill
+# then 14 decode calls) and of 64 tokens, batch sizes 1, 3 and 8, the same requests at other batch
+# positions, 1 and 2 threads, the server and the verifier each loading their own copy of the layers at
+# that precision; 132 honest verifications per precision and length. "max" is the largest error of a
+# committed value in a chunk, "mean" the chunk mean of the rows' largest error, "overlap" the top-k
+# overlap (a chunk's worst row / its mean). The attack figures are the smallest seen over 54 runs.
+_PRECISION_LIMITS: dict[str, Tolerance] = {
+    "float32": Tolerance(),
+    # int8 (bitsandbytes LLM.int8: the outlier columns kept in float16 depend on the whole batch, so
+    # batch composition moves the values) against another int8 peer: max <= 0.31, mean <= 0.044,
+    # overlap >= 0.75 / 0.9 (20-token requests); a skipped layer gave means >= 0.15. Weight noise
+    # below 10 % of each matrix's std is not reliably caught: 1 % in 1 of 54 runs, 5 % in 34 of 54
+    # (never on the logits stage), 10 % in 54 of 54. No statistic of the commitments tried (the mean
+    # error over all committed entries, the top-k mismatch fraction) separates 1 % from honest int8
+    # variation: the honest level differs between stages by more than the noise moves it.
+    "int8": Tolerance(max_err=0.75, mean_err=0.1, min_overlap=0.4, mean_overlap=0.8),
+    # nf4 computing in float32 (bitsandbytes on CPU dequantizes, then a float32 matmul; quantization is
+    # deterministic, so two peers hold identical weights): honest max <= 0.018, mean <= 0.0038,
+    # overlap >= 0.875 / 0.975. Limits ~2.2x / 2.6x that; 1 % weight noise (applied before quantizing)
+    # gives means >= 0.027, maxima >= 0.047: all caught. Nothing lower than nf4 can be served instead.
+    "nf4": Tolerance(max_err=0.04, mean_err=0.01, min_overlap=0.6, mean_overlap=0.9),
+    # float16 (usable on CPU, ~2-3x slower than bfloat16 there): honest max <= 0.015, mean <= 0.0023,
+    # overlap >= 0.875 / 0.977. The mean limit has only a 1.5x margin because the attacks sit close:
+    # 1 % weight noise gives means >= 0.0042, bfloat16 served as float16 >= 0.0040 (2x would let some
+    # through); the max limit has 2x.
+    "float16": Tolerance(max_err=0.03, mean_err=0.0035, min_overlap=0.6, mean_overlap=0.9),
+    # bfloat16 (8-bit mantissa: decode with a KV cache vs one prefill drifts by a few %): honest
+    # max <= 0.042, mean <= 0.0134, overlap >= 0.625 / 0.925 (nf4 computing in bfloat16, which gets
+    # these limits: max <= 0.035, mean <= 0.012, overlap >= 0.75 / 0.95). Limits 2x, overlap as int8.
+    # Caught: nf4 served instead (means >= 0.046); int8 served instead and 2-3 % weight noise only on
+    # hidden-state stages (the logits stage stays inside), 1 % noise in 17 of 54 runs (see the README).
+    "bfloat16": Tolerance(max_err=0.085, mean_err=0.027, min_overlap=0.4, mean_overlap=0.8),
+}
 
 
 @dataclass

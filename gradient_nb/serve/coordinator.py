@@ -15,7 +15,15 @@ import logging
 from typing import Any
 
 from ..mesh.peer import Mesh
-from .scheduler import Allocation, ModelCost, PeerResources, Stage, allocate, model_cost_from_config, replan
+from .scheduler import (
+    Allocation,
+    ModelCost,
+    PeerResources,
+    allocate,
+    fixed_pipelines,
+    model_cost_from_config,
+    replan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +113,8 @@ class Coordinator:
         if self.last is not None and self.plans and \
                 {st.peer_id for st in self.last.stages()} | set(self.last.spare) == current:
             return None  # nothing changed since our last plan
-        pipelines: list[list[Stage]] = []
+        pipelines, extra = fixed_pipelines(fixed, self.cost.num_layers)
         spare: list[str] = []
-        if fixed:
-            pipelines.append(sorted((Stage(pid, s, e) for pid, (s, e) in fixed.items()), key=lambda st: st.start))
         if auto:
             old = None
             if self.last is not None:
@@ -120,7 +126,7 @@ class Coordinator:
             plan = replan(old, auto, self.cost) if old is not None and old.stages() else allocate(auto, self.cost)
             pipelines.extend(plan.pipelines)
             spare = list(plan.spare)
-        alloc = Allocation(self.cost.num_layers, pipelines, spare)
+        alloc = Allocation(self.cost.num_layers, pipelines, spare, extra)
         self.mesh.state.put(SERVE_NS, _alloc_name(self.model_id), alloc.to_dict())
         log.info("allocation for %s: %s", self.model_id, alloc.to_dict())
         self.last = alloc

@@ -158,14 +158,16 @@ class ServingPeer:
             raise BadForward("this peer holds no layers yet")
         if h.get("model") != self.model_id:
             raise BadForward(f"this peer serves {self.model_id!r}, not {h.get('model')!r}")
-        if [h.get("start"), h.get("end")] != list(self.layers):
-            raise BadForward(f"this peer holds layers {self.layers[0]}..{self.layers[1]}, "
-                             f"not {h.get('start')}..{h.get('end')}")
+        entry, end = h.get("start"), h.get("end")
+        # A chain may enter at any of this peer's layers (stitching replicas) but always runs to its end.
+        if not isinstance(entry, int) or end != self.layers[1] or not self.layers[0] <= entry < end:
+            raise BadForward(f"this peer runs layers {self.layers[0]}..{self.layers[1]} (entered at any of them, "
+                             f"to the end), not {entry}..{end}")
         session, pos = h.get("session"), h.get("pos")
         x = msg.tensors.get("x")
         if not isinstance(session, str) or not isinstance(pos, int) or pos < 0 or x is None:
             raise BadForward("shard.forward needs session, pos and a tensor x")
-        if rt.is_first:
+        if entry == 0:
             if x.dtype != torch.int64 or x.dim() != 1 or not 0 < x.numel() <= MAX_NEW_TOKENS_PER_CALL:
                 raise BadForward("the first stage takes a 1-d int64 tensor of token ids")
             if int(x.min()) < 0 or int(x.max()) >= self.info.vocab_size:
@@ -178,28 +180,28 @@ class ServingPeer:
         self._queue += 1
         self.mesh.extra_record["serving_stats"] = self._stats()
         try:
-            y = await rt.forward(f"{ctx.peer_id}/{session}", positions, x)
+            y = await rt.forward(f"{ctx.peer_id}/{session}", positions, x, entry=entry)
         finally:
             self._queue -= 1
         self.served_tokens += x.shape[0]
         self._latency_ms = 0.8 * self._latency_ms + 0.2 * 1000 * (time.perf_counter() - started)
         # Picked up by the next heartbeat: per-call publishing would flood the mesh with updates.
         self.mesh.extra_record["serving_stats"] = self._stats()
-        header: dict[str, Any] = {"layers": list(self.layers)}
-        records = self._commit(f"{ctx.peer_id}/{session}", pos, x.shape[0], y, rt.is_last)  # verification
+        # The entry subtracts this from the call's wall time to learn the per-hop overhead (routing).
+        header: dict[str, Any] = {"layers": [entry, end], "compute_ms": 1000 * (time.perf_counter() - started)}
+        records = self._commit(f"{ctx.peer_id}/{session}", entry, pos, x.shape[0], y, rt.is_last)  # verification
         if records:
             header["commit"] = records
         return Message(header, {"y": y})
 
-    def _commit(self, key: str, pos: int, n: int, y: torch.Tensor, is_last: bool) -> list[dict[str, Any]]:
+    def _commit(self, key: str, entry: int, pos: int, n: int, y: torch.Tensor, is_last: bool) -> list[dict[str, Any]]:
         """Verification: signed top-k commitments to what this call returned (full chunks only; the
         tail goes with the reply to shard.drop). The last stage returns, so commits to, the logits of
         the call's last position."""
         b = self._commits.get(key)
         if b is None:
-            start, end = self.layers
             b = self._commits[key] = CommitmentBuilder(self.mesh.identity,
-                                                       Binding(self.info.content_hash, start, end, key))
+                                                       Binding(self.info.content_hash, entry, self.layers[1], key))
             while len(self._commits) > MAX_COMMIT_SESSIONS:
                 self._commits.popitem(last=False)
         self._commits.move_to_end(key)

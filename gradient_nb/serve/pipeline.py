@@ -35,6 +35,9 @@ from .scheduler import Stage, route
 log = logging.getLogger(__name__)
 
 STAGE_TIMEOUT = 60.0
+# Per-hop overhead assumed until measured: about what a loopback hop of this project's RPC costs on a
+# 2-core CPU (framing, data channel, event loops), i.e. 2 layers of the default model's compute.
+INITIAL_HOP_OVERHEAD_S = 0.002
 REROUTE_TIMEOUT = 120.0
 
 
@@ -67,6 +70,7 @@ class MeshEngine:
         self.traces: list[RequestTrace] = []
         self._inflight: dict[str, int] = {}  # peer id -> requests routed through it by this entry
         self._background: set[asyncio.Task] = set()
+        self.hop_overhead_s = INITIAL_HOP_OVERHEAD_S  # measured: call wall time minus the shard's compute
         # Verification (VeriLLM): samples requests, verifies commitments, keeps peers' reputations.
         self.verify = VerifyManager(mesh, self.path, self.info.content_hash, self.info.num_layers)
 
@@ -86,10 +90,11 @@ class MeshEngine:
                 ready[pid] = rec
         load = {pid: self._inflight.get(pid, 0) for pid in ready}
         try:
-            # A shard runs all of its layers for a request (its KV cache covers them all), so a chain
-            # enters each peer at the first layer it holds.
+            # Chains may enter a peer at any layer it holds (it runs to the end of its range), so
+            # replicas stitch: around a loaded peer, or around a lost one before any re-plan.
             return route(alloc, self.info.num_layers, peers=_resources(ready), links=_link_rtts(self.mesh, ready),
-                         load=load, model_cost=self.cost, prompt_tokens=prompt_tokens, enter_anywhere=False)
+                         load=load, model_cost=self.cost, prompt_tokens=prompt_tokens,
+                         hop_overhead_s=self.hop_overhead_s)
         except RuntimeError as exc:
             raise NoRoute(f"the live peers do not cover all {self.info.num_layers} layers of "
                           f"{self.model_name}: {exc}") from None
@@ -109,9 +114,14 @@ class MeshEngine:
                     audit: RequestAudit | None = None) -> torch.Tensor:
         x: torch.Tensor = torch.tensor(tokens, dtype=torch.int64)
         for stage in chain:
+            t0 = time.perf_counter()
             reply = await self.mesh.call(stage.peer_id, "shard.forward", Message(
                 {"model": self.model_name, "session": session, "pos": pos, "start": stage.start,
                  "end": stage.end}, {"x": x}), timeout=STAGE_TIMEOUT)
+            compute = reply.header.get("compute_ms")
+            if isinstance(compute, int | float) and 0 <= compute:
+                overhead = max(0.0, time.perf_counter() - t0 - compute / 1000)
+                self.hop_overhead_s = 0.9 * self.hop_overhead_s + 0.1 * min(overhead, 1.0)
             if audit is not None:  # verification
                 self.verify.on_call(audit, stage.peer_id, stage.start, stage.end, session, pos, x, reply.header)
             x = reply.tensors["y"]

@@ -157,9 +157,13 @@ class Stage:
 
 @dataclass
 class Allocation:
+    """Complete pipelines (each tiles layers 0..num_layers), spare peers, and ``extra`` stages: ranges
+    that complete no pipeline (peers given a fixed range) but that routing can still stitch in."""
+
     num_layers: int
     pipelines: list[list[Stage]] = field(default_factory=list)
     spare: list[str] = field(default_factory=list)
+    extra: list[Stage] = field(default_factory=list)
 
     @property
     def num_pipelines(self) -> int:
@@ -175,7 +179,7 @@ class Allocation:
         return _objective(self.num_pipelines, self.num_stages)
 
     def stages(self) -> list[Stage]:
-        return [st for p in self.pipelines for st in p]
+        return [st for p in self.pipelines for st in p] + list(self.extra)
 
     def layers_of(self, peer_id: str) -> range | None:
         for st in self.stages():
@@ -188,6 +192,7 @@ class Allocation:
             "num_layers": self.num_layers,
             "pipelines": [[[st.peer_id, st.start, st.end] for st in p] for p in self.pipelines],
             "spare": list(self.spare),
+            "extra": [[st.peer_id, st.start, st.end] for st in self.extra],
         }
 
     @classmethod
@@ -197,9 +202,10 @@ class Allocation:
             num_layers = int(d["num_layers"])
             pipelines = [[Stage(str(p), int(s), int(e)) for p, s, e in pipe] for pipe in d["pipelines"]]
             spare = [str(x) for x in d.get("spare", [])]
+            extra = [Stage(str(p), int(s), int(e)) for p, s, e in d.get("extra", [])]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed allocation: {exc}") from exc
-        alloc = cls(num_layers, pipelines, spare)
+        alloc = cls(num_layers, pipelines, spare, extra)
         problems = _structure_problems(alloc)
         if problems:
             raise ValueError("malformed allocation: " + "; ".join(problems))
@@ -236,10 +242,41 @@ def _structure_problems(alloc: Allocation) -> list[str]:
             pos = st.end
         if pos != L:
             problems.append(f"pipeline {i} covers layers up to {pos}, not {L}")
+    for st in alloc.extra:
+        if st.peer_id in seen:
+            problems.append(f"peer {st.peer_id} appears in more than one stage")
+        seen.add(st.peer_id)
+        if not 0 <= st.start < st.end <= L:
+            problems.append(f"extra stage {st} is outside layers 0..{L}")
     for p in alloc.spare:
         if p in seen:
             problems.append(f"spare peer {p} also holds a stage")
     return problems
+
+
+def fixed_pipelines(fixed: Mapping[str, tuple[int, int]], num_layers: int) -> tuple[list[list[Stage]], list[Stage]]:
+    """Group peers with fixed layer ranges into as many complete pipelines as they tile; the ranges
+    left over come back as extra stages (routing stitches them in where they help)."""
+    left = sorted((Stage(pid, s, e) for pid, (s, e) in fixed.items()), key=lambda st: (st.start, -st.end, st.peer_id))
+    pipelines: list[list[Stage]] = []
+
+    def tile(pos: int, pool: list[Stage], dead: set[int]) -> list[Stage] | None:
+        if pos == num_layers:
+            return []
+        if pos in dead:
+            return None
+        for st in pool:
+            if st.start == pos and st.end <= num_layers:
+                rest = tile(st.end, [o for o in pool if o is not st], dead)
+                if rest is not None:
+                    return [st, *rest]
+        dead.add(pos)  # sound: every path reaches pos with the same unused stages from pos on
+        return None
+
+    while (chain := tile(0, left, set())) is not None:
+        pipelines.append(chain)
+        left = [st for st in left if all(st is not c for c in chain)]
+    return pipelines, left
 
 
 def _stage_bytes(cost: ModelCost, start: int, end: int, kv_tokens: int) -> int:
@@ -793,8 +830,11 @@ def chain_latency(chain: list[Stage], *, peers: Iterable[PeerResources] | Mappin
 def route(allocation: Allocation, num_layers: int, *,
           peers: Iterable[PeerResources] | Mapping[str, PeerResources], links: Iterable[LinkMeasure] | None,
           load: Mapping[str, int] | None, model_cost: ModelCost, prompt_tokens: int,
-          unknown_rtt_ms: float | None = None, enter_anywhere: bool = True) -> list[Stage]:
-    """Phase 2: the chain covering layers [0, num_layers) with the least `chain_latency`.
+          unknown_rtt_ms: float | None = None, enter_anywhere: bool = True, hop_overhead_s: float = 0.0
+          ) -> list[Stage]:
+    """Phase 2: the chain covering layers [0, num_layers) with the least `chain_latency`, plus
+    ``hop_overhead_s`` per stage (what a call costs beyond RTT and compute: framing, RPC, scheduling;
+    the engine measures it), so an extra hop must save more than it costs.
 
     Any peer holding a range may be entered at any layer boundary inside it (only at its first layer
     with ``enter_anywhere=False``) and runs to the end of its range, so replicas stitch where ranges
@@ -819,7 +859,7 @@ def route(allocation: Allocation, num_layers: int, *,
             for prev, (cost, chain) in arrivals:
                 if prev == node.peer_id:
                     continue
-                c = cost + per_layer[node.peer_id] * hop.num_layers
+                c = cost + per_layer[node.peer_id] * hop.num_layers + hop_overhead_s
                 if prev is not None:
                     c += lk.rtt_s(prev, node.peer_id) + lk.transfer_s(prev, node.peer_id, xfer_bytes)
                 key = (node.end, node.peer_id)

@@ -12,6 +12,12 @@ is where batching pays on CPU and GPU), the attention math is transformers' own 
 no padding. Attention over the concatenation costs N x (sum of the sessions' lengths), masked
 cross-session blocks included, which is fine at the sequence counts a shard serves here.
 
+A request may enter the shard at any of its layers, not only the first (phase 2 of the scheduler
+stitches replicas whose ranges overlap: one peer's layers 0..12, another's 12..18 of its 0..18). A
+session keeps its entry layer and holds KV only for the layers it runs. In a step, sessions are
+ordered by entry layer, and each joins the concatenated sequence when the pass reaches its entry, so
+the usual case (everyone enters at the first layer) is exactly the scheme above.
+
 A session alone in a step whose mask would be plain causal (a fresh prefill, or one decode token)
 runs without a mask, exactly as transformers' ``generate`` does, so a one-session pipeline gives
 the same floats as the plain model, not merely the same tokens.
@@ -65,6 +71,7 @@ class RuntimeClosed(ShardError):
 @dataclass
 class _Session:
     id: str
+    entry: int  # global index of the first layer this session runs (its KV covers entry..end)
     length: int = 0
     capacity: int = 0
     k: list[torch.Tensor] = field(default_factory=list)  # per local layer: [1, kv_heads, capacity, head_dim]
@@ -80,6 +87,7 @@ class _Request:
     start: int  # position of inputs[0]
     inputs: torch.Tensor
     future: asyncio.Future
+    entry: int  # the layer this request enters the shard at
     offset: int = 0  # tokens already run (a long prefill runs in chunks over several steps)
     outputs: list[torch.Tensor] = field(default_factory=list)
 
@@ -98,18 +106,17 @@ class _Item:
 class _BatchKV:
     """The cache object the decoder layers see for one step (duck-types transformers' Cache.update)."""
 
-    def __init__(self, items: list[_Item], first_layer: int) -> None:
+    def __init__(self, items: list[_Item]) -> None:
         self.items = items
-        self.first_layer = first_layer
         self.counts = [it.take for it in items]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        li = layer_idx - self.first_layer
         ks, vs = [], []
         for it, k_new, v_new in zip(self.items, key_states.split(self.counts, dim=2),
                                     value_states.split(self.counts, dim=2), strict=True):
             s, a, b = it.session, it.session.length, it.session.length + it.take
+            li = layer_idx - s.entry
             s.k[li][:, :, a:b] = k_new
             s.v[li][:, :, a:b] = v_new
             ks.append(s.k[li][:, :, :b])
@@ -167,10 +174,11 @@ class ShardRuntime:
         return self.shard.end
 
     async def forward(self, session_id: str, positions: Sequence[int] | torch.Tensor,
-                      inputs: torch.Tensor) -> torch.Tensor:
-        """Run this shard's layers on a session's new tokens.
+                      inputs: torch.Tensor, entry: int | None = None) -> torch.Tensor:
+        """Run this shard's layers ``entry``..end (default: all of them) on a session's new tokens.
 
-        First stage: ``inputs`` are token ids [T] (int64); other stages: hidden states [T, hidden].
+        Entering at layer 0: ``inputs`` are token ids [T] (int64); else hidden states [T, hidden].
+        A session keeps the entry layer it started with.
         Returns the logits of the last position [vocab] (float32) on the last stage, else the hidden
         states [T, hidden]. ``positions`` must be consecutive and start at the session's length; a
         start below it truncates the cache (replay after a failover).
@@ -183,7 +191,10 @@ class ShardRuntime:
             raise ValueError(f"need one position per input token, got {len(pos)} positions for {n} tokens")
         if pos != list(range(pos[0], pos[0] + n)) or pos[0] < 0:
             raise PositionMismatch(f"positions must be consecutive and non-negative, got {pos[:4]}...")
-        if self.is_first:
+        entry = self.start if entry is None else int(entry)
+        if not self.start <= entry < self.end:
+            raise ValueError(f"entry layer {entry} is outside this shard's layers {self.start}..{self.end}")
+        if entry == 0:
             if inputs.dim() != 1 or inputs.dtype not in (torch.int64, torch.int32):
                 raise ValueError("the first stage takes a 1-d tensor of token ids")
             inputs = inputs.to(torch.int64)
@@ -193,7 +204,7 @@ class ShardRuntime:
                 raise ValueError(f"this stage takes hidden states [tokens, {hidden}]")
             inputs = inputs.to(self._kv_dtype)
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(session_id, pos[0], inputs, fut))
+        self._queue.append(_Request(session_id, pos[0], inputs, fut, entry))
         self._ensure_batcher()
         self._wake.set()
         return await fut
@@ -319,7 +330,7 @@ class ShardRuntime:
                 continue
             if s is None:
                 continue  # no room this step
-            total = self._bytes_for(s.length + req.remaining)
+            total = self._bytes_for(s.length + req.remaining, s.entry)
             if total > self.kv_budget_bytes:  # could never fit: fail before evicting anyone for it
                 if s.length == 0:
                     self._sessions.pop(s.id, None)
@@ -342,6 +353,14 @@ class ShardRuntime:
             if s is None:
                 raise SessionEvicted(f"session {req.session!r} was evicted mid-prefill; replay it from 0")
             return s
+        if s is not None and s.entry != req.entry:
+            if pos != 0:
+                raise PositionMismatch(f"session {req.session!r} entered at layer {s.entry}, not {req.entry}; "
+                                       "a session keeps its entry layer (replay from position 0 to change it)")
+            if s.id in self._running:
+                return None
+            del self._sessions[s.id]  # a replay from 0 entering elsewhere: a fresh cache
+            s = None
         if s is None:
             if pos != 0:
                 if req.session in self._evicted:
@@ -352,7 +371,7 @@ class ShardRuntime:
                 if not self._evict_one(protected):
                     return None
             self._evicted.pop(req.session, None)
-            s = self._sessions[req.session] = _Session(req.session)
+            s = self._sessions[req.session] = _Session(req.session, req.entry)
             return s
         if pos > s.length:
             raise PositionMismatch(f"session {req.session!r} holds {s.length} positions; "
@@ -371,14 +390,14 @@ class ShardRuntime:
                 return True
         return False
 
-    def _bytes_for(self, tokens: int) -> int:
+    def _bytes_for(self, tokens: int, entry: int) -> int:
         cap = -(-tokens // _KV_BLOCK) * _KV_BLOCK
-        per_token = 2 * len(self.shard.layers) * self._kv_heads * self._head_dim * self._kv_dtype.itemsize
+        per_token = 2 * (self.end - entry) * self._kv_heads * self._head_dim * self._kv_dtype.itemsize
         return cap * per_token
 
     def _reserve(self, s: _Session, take: int, items: list[_Item]) -> bool:
         """Make room under the KV budget for ``s`` to grow by ``take`` tokens, evicting LRU sessions."""
-        need = self._bytes_for(s.length + take) - s.nbytes()
+        need = self._bytes_for(s.length + take, s.entry) - s.nbytes()
         if need <= 0:
             return True
         protected = {it.session.id for it in items} | {s.id}
@@ -401,7 +420,7 @@ class ShardRuntime:
                 t[:, :, : s.length] = old[:, :, : s.length]
             return t
 
-        n = len(self.shard.layers)
+        n = self.end - s.entry
         s.k = [grown(s.k[i] if s.k else None) for i in range(n)]
         s.v = [grown(s.v[i] if s.v else None) for i in range(n)]
         s.capacity = cap
@@ -433,41 +452,53 @@ class ShardRuntime:
 
     def _step(self, items: list[_Item]) -> list[torch.Tensor | None]:
         shard = self.shard
+        dev = shard.device
         with torch.inference_mode():
             for it in items:
                 self._grow(it.session, it.session.length + it.take)
-            chunks = [it.req.inputs[it.req.offset: it.req.offset + it.take] for it in items]
-            x = torch.cat(chunks).to(shard.device)
-            h = shard.embed_tokens(x) if self.is_first else x
-            h = h[None]
-            pos = torch.cat([torch.arange(it.session.length, it.session.length + it.take) for it in items])
-            pos = pos[None].to(shard.device)
-            rope = shard.rotary_emb(h, pos)
-            masks = self._masks(items)
-            cache = _BatchKV(items, shard.start)
-            for layer, window in zip(shard.layers, self._windows, strict=True):
+            # Sessions join the sequence at their entry layer; sorting keeps each joiner a suffix.
+            order = sorted(range(len(items)), key=lambda i: items[i].session.entry)
+            active: list[_Item] = []
+            h: torch.Tensor | None = None
+            masks: dict[int | None, torch.Tensor | None] = {}
+            rope = pos = cache = None
+            for li, (layer, window) in enumerate(zip(shard.layers, self._windows, strict=True)):
+                layer_idx = shard.start + li
+                joining = [items[i] for i in order if items[i].session.entry == layer_idx]
+                if joining:
+                    x = torch.cat([it.req.inputs[it.req.offset: it.req.offset + it.take] for it in joining]).to(dev)
+                    new = (shard.embed_tokens(x) if layer_idx == 0 else x)[None]
+                    h = new if h is None else torch.cat([h, new], dim=1)
+                    active += joining
+                    pos = torch.cat([torch.arange(it.session.length, it.session.length + it.take)
+                                     for it in active])[None].to(dev)
+                    rope = shard.rotary_emb(h, pos)
+                    masks = self._masks(active)
+                    cache = _BatchKV(active)
+                if h is None:
+                    continue
                 h = layer(h, attention_mask=masks[window], position_ids=pos, cache=cache,
                           use_cache=True, position_embeddings=rope)
+            assert h is not None and len(active) == len(items)
             h = h[0]
             for it in items:
                 it.session.length += it.take
             self.steps += 1
             self.batched_tokens += h.shape[0]
-            results: list[torch.Tensor | None] = []
-            offsets = torch.tensor([it.take for it in items]).cumsum(0).tolist()
+            results: list[torch.Tensor | None] = [None] * len(items)
+            ends = torch.tensor([it.take for it in active]).cumsum(0).tolist()
             if not self.is_last:
                 a = 0
-                for b in offsets:
-                    results.append(h[a:b].cpu())
+                for i, b in zip(order, ends, strict=True):
+                    results[i] = h[a:b].cpu()
                     a = b
                 return results
-            finals = [i for i, it in enumerate(items) if it.req.remaining == it.take]
+            finals = [(i, b) for i, b in zip(order, ends, strict=True) if items[i].req.remaining == items[i].take]
             if finals:
-                rows = h[[offsets[i] - 1 for i in finals]]
+                rows = h[[b - 1 for _, b in finals]]
                 logits = shard.lm_head(shard.norm(rows[:, None]))[:, 0].float().cpu()
-            results = [None] * len(items)
-            for j, i in enumerate(finals):
-                results[i] = logits[j]
+                for j, (i, _) in enumerate(finals):
+                    results[i] = logits[j]
             return results
 
 

@@ -239,14 +239,17 @@ class VerifyManager:
         return v
 
     def _other_holder(self, s: StageAudit) -> str | None:
-        """A ready peer, other than the verified one and not failed, serving exactly these layers."""
+        """A ready peer, other than the verified one and not failed, that can run these layers."""
         bad = self.failed_peers()
         mine = self.mesh.state.peers().get(s.peer, {}).get("serving") or {}
         for pid, rec in self.mesh.state.peers().items():
             srv = rec.get("serving")
             if pid in (s.peer, self.mesh.id) or pid in bad or not isinstance(srv, dict):
                 continue
-            if srv.get("layers") == [s.start, s.end] and srv.get("ready") and srv.get("hash") == self.model_hash \
+            held = srv.get("layers")
+            # It can run the stage if it holds its layers and ends where it ends (chains enter mid-range).
+            if isinstance(held, list) and len(held) == 2 and held[0] <= s.start and held[1] == s.end \
+                    and srv.get("ready") and srv.get("hash") == self.model_hash \
                     and srv.get("dtype") == mine.get("dtype") and srv.get("quantization") == mine.get("quantization"):
                 return pid
         return None

@@ -52,6 +52,18 @@ async def _generate(engine, ids: list[int], n: int = NEW_TOKENS) -> list[int]:
     return [t async for t in engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=n))]
 
 
+async def _generate_killing_first_stage(cluster, ids: list[int], after: int) -> tuple[list[int], str]:
+    """Greedy generation that SIGKILLs the first peer of the request's chain after ``after`` tokens."""
+    engine, got, victim = cluster.engine, [], None
+    async for tok in engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)):
+        got.append(tok)
+        if len(got) == after:
+            victim = engine.traces[-1].routes[-1][0][0]
+            cluster.processes[cluster.peer_ids.index(victim)].send_signal(signal.SIGKILL)
+    assert victim is not None
+    return got, victim
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def even_split(reference):
     # `reference` first: computing it blocks this process, which must not happen while it is a peer.
@@ -111,15 +123,8 @@ async def test_peer_killed_mid_generation(reference) -> None:
     try:
         engine = cluster.engine
         before = allocation_of(cluster.mesh, engine.model_name)
-        ids, want = reference["ids"][1], reference["tokens"][1]
-        got: list[int] = []
-        victim = None
-        async for tok in engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)):
-            got.append(tok)
-            if len(got) == 5:
-                victim = engine.traces[-1].routes[-1][0][0]
-                cluster.processes[cluster.peer_ids.index(victim)].send_signal(signal.SIGKILL)
-        assert got == want
+        got, victim = await _generate_killing_first_stage(cluster, reference["ids"][1], after=5)
+        assert got == reference["tokens"][1]
         trace = engine.traces[-1]
         assert trace.failovers >= 1 and all(victim not in [s[0] for s in r] for r in trace.routes[1:])
         # The coordinator (maybe a new one) re-plans without the dead peer.
@@ -131,5 +136,35 @@ async def test_peer_killed_mid_generation(reference) -> None:
         assert victim in {s.peer_id for s in before.stages()}
         assert victim not in {s.peer_id for s in after.stages()}
         assert await _generate(engine, reference["ids"][0]) == reference["tokens"][0]
+    finally:
+        await cluster.stop()
+
+
+async def test_replicas_stitch_and_cover_a_lost_peer_without_a_replan(reference) -> None:
+    """Fixed ranges 0..10 + 10..30 form a pipeline and 0..20 is an extra stage, so phase 2 has two chains:
+    0..10 -> 10..30, and 0..20 -> 10..30 entered at layer 20 (stitching). Greedy output equals one process
+    on either; when the first peer of the chain in use is killed mid-generation, the request finishes on the
+    other chain with the same tokens (both chains were in the allocation: nothing had to be re-planned)."""
+    cluster = await start_local_cluster(3, layers=[(0, 10), (10, 30), (0, 20)],
+                                        peer_args=["--heartbeat", "0.5", "--peer-timeout", "3"])
+    try:
+        engine = cluster.engine
+        head, tail, wide = cluster.peer_ids
+        chains = {head: [(head, 0, 10), (tail, 10, 30)], wide: [(wide, 0, 20), (tail, 20, 30)]}
+        for _ in range(150):  # the coordinator may have planned before the third peer announced itself
+            alloc = allocation_of(cluster.mesh, engine.model_name)
+            if alloc is not None and alloc.extra:
+                break
+            await asyncio.sleep(0.2)
+        assert [(s.peer_id, s.start, s.end) for s in alloc.extra] == [(wide, 0, 20)]
+        engine.current_route()  # and the engine sees all three ready
+        assert await _generate(engine, reference["ids"][2]) == reference["tokens"][2]
+        # Which chain phase 2 picks depends on the measured compute: kill the first peer of it.
+        got, victim = await _generate_killing_first_stage(cluster, reference["ids"][0], after=3)
+        assert got == reference["tokens"][0]
+        trace = engine.traces[-1]
+        survivor = wide if victim == head else head
+        assert trace.failovers >= 1 and trace.routes[-1] == chains[survivor]
+        assert any((tail, 20, 30) in r for r in trace.routes)  # a chain entered the 10..30 peer mid-range
     finally:
         await cluster.stop()

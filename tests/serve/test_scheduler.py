@@ -26,6 +26,7 @@ from gradient_nb.serve.scheduler import (
     Stage,
     allocate,
     chain_latency,
+    fixed_pipelines,
     measure_compute,
     measure_free_memory,
     model_cost_from_config,
@@ -408,6 +409,37 @@ def test_route_stitches_across_replicas() -> None:
     links = [LinkMeasure(x, y, 1.0) for x, y in itertools.combinations(["a1", "a2", "b1", "b2"], 2)]
     chain = route(alloc, 8, peers=peers, links=links, load={}, model_cost=cost, prompt_tokens=100)
     assert chain == [Stage("a1", 0, 4), Stage("b2", 4, 8)]
+
+
+def test_fixed_ranges_form_pipelines_and_extra_stages() -> None:
+    fixed = {"a": (0, 10), "b": (10, 30), "c": (0, 20), "d": (20, 30), "e": (0, 10), "f": (5, 25)}
+    pipelines, extra = fixed_pipelines(fixed, 30)
+    assert sorted([[(st.peer_id, st.start, st.end) for st in p] for p in pipelines]) == [
+        [("a", 0, 10), ("b", 10, 30)], [("c", 0, 20), ("d", 20, 30)]]
+    assert sorted(st.peer_id for st in extra) == ["e", "f"]
+    # Duplicates of one complete range are replicas, not an error.
+    pipelines, extra = fixed_pipelines({"x": (0, 30), "y": (0, 30)}, 30)
+    assert len(pipelines) == 2 and extra == []
+    # Backtracking: the greedy first choice (0..20) leaves a hole, 0..10 + 10..30 tiles.
+    pipelines, extra = fixed_pipelines({"p": (0, 20), "q": (0, 10), "r": (10, 30)}, 30)
+    assert [[st.peer_id for st in p] for p in pipelines] == [["q", "r"]] and [st.peer_id for st in extra] == ["p"]
+    alloc = Allocation(30, pipelines, [], extra)
+    assert Allocation.from_dict(json.loads(json.dumps(alloc.to_dict()))) == alloc
+    assert alloc.layers_of("p") == range(0, 20) and alloc.num_pipelines == 1
+    with pytest.raises(ValueError, match="outside"):
+        Allocation.from_dict({"num_layers": 4, "pipelines": [], "extra": [["z", 2, 9]]})
+
+
+def test_route_stitches_extra_stages_around_a_lost_peer() -> None:
+    cost = ModelCost(30, 10, 0, 0, 0, 1e9, 10)
+    alloc = Allocation(30, [[Stage("q", 0, 10), Stage("r", 10, 30)]], [], [Stage("p", 0, 20)])
+    peers = {x: PeerResources(x, 1, 0.5 if x == "p" else 1.0) for x in "pqr"}  # p is the slow one
+    assert route(alloc, 30, peers=peers, links=None, load={}, model_cost=cost, prompt_tokens=10) == [
+        Stage("q", 0, 10), Stage("r", 10, 30)]
+    # q is gone: p covers 0..20 and r is entered at its layer 20, no re-plan needed.
+    del peers["q"]
+    assert route(alloc, 30, peers=peers, links=None, load={}, model_cost=cost, prompt_tokens=10) == [
+        Stage("p", 0, 20), Stage("r", 20, 30)]
 
 
 def test_router_spreads_concurrent_requests() -> None:

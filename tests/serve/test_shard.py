@@ -110,6 +110,48 @@ async def test_chunked_prefill_and_batching_on_tiny(tmp_path: Path) -> None:
     await small.aclose()
 
 
+async def test_entering_mid_range_stitches_replicas(tmp_path: Path) -> None:
+    """A request entering a shard at a middle layer (phase 2 stitching replicas 0..1 and 0..3 entered at
+    1, then 3..4) equals the full model, also batched with requests entering at the first layer, and a
+    session keeps its entry layer."""
+    path = tiny_model(tmp_path, "mistral", sliding_window=6)
+    full = load_full_model(path)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 96, (n,), generator=gen) for n in (9, 4, 13, 1, 6)]
+    with torch.inference_mode():
+        refs = [full(p[None]).logits[0, -1] for p in prompts]
+    head, wide, tail = (ShardRuntime(load_shard(path, a, b)) for a, b in [(0, 1), (0, 3), (3, 4)])
+
+    async def stitched(i: int, p: torch.Tensor) -> torch.Tensor:
+        h = await head.forward(f"s{i}", range(len(p)), p)
+        h = await wide.forward(f"s{i}", range(len(p)), h, entry=1)
+        return await tail.forward(f"s{i}", range(len(p)), h)
+
+    async def through_wide(i: int, p: torch.Tensor) -> torch.Tensor:
+        h = await wide.forward(f"w{i}", range(len(p)), p)
+        return await tail.forward(f"w{i}", range(len(p)), h)
+
+    # Odd prompts enter `wide` at layer 0, even ones at layer 1: all in flight at once, so steps mix them.
+    outs = await asyncio.gather(*((stitched if i % 2 == 0 else through_wide)(i, p) for i, p in enumerate(prompts)))
+    for got, ref in zip(outs, refs, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # Decode after a stitched prefill (the stitched session's KV covers layers 1..3 only).
+    nxt = torch.tensor([5])
+    h = await head.forward("s0", [9], nxt)
+    h = await tail.forward("s0", [9], await wide.forward("s0", [9], h, entry=1))
+    with torch.inference_mode():
+        ref = full(torch.cat([prompts[0], nxt])[None]).logits[0, -1]
+    torch.testing.assert_close(h, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(PositionMismatch, match="entry layer"):
+        await wide.forward("s0", [10], torch.zeros(1, 64), entry=2)
+    with pytest.raises(ValueError, match="outside"):
+        await wide.forward("x", [0], torch.zeros(1, 64), entry=3)
+    with pytest.raises(ValueError):
+        await wide.forward("y", [0], torch.tensor([1]), entry=1)  # token ids where hidden states enter
+    for rt in (head, wide, tail):
+        await rt.aclose()
+
+
 async def test_positions_errors_and_truncation(tmp_path: Path) -> None:
     path = tiny_model(tmp_path)
     rt = ShardRuntime(load_shard(path, 0, 4))

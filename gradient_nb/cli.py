@@ -71,6 +71,13 @@ async def _cmd_peer(args: argparse.Namespace) -> int:
     from .mesh.identity import Identity
     from .mesh.peer import join
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("error: --threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)  # before join: the compute probe measures what serving gets
+
     async def main(stop: asyncio.Event) -> int:
         identity = Identity.generate() if args.ephemeral else Identity.load_or_create()
         try:
@@ -85,11 +92,14 @@ async def _cmd_peer(args: argparse.Namespace) -> int:
             diagnostics.install(mesh)
             if args.serve:
                 from .serve.node import ServingPeer
+                from .verify import attach_commitments
 
                 layers = _parse_layers(args.layers)
-                server = await ServingPeer(mesh, None if args.serve == "default" else args.serve,
-                                           dtype=args.dtype, quantization=args.quantization, layers=layers,
-                                           memory_cap_bytes=_parse_size(args.memory_cap)).start()
+                server = ServingPeer(mesh, None if args.serve == "default" else args.serve,
+                                     dtype=args.dtype, quantization=args.quantization, layers=layers,
+                                     memory_cap_bytes=_parse_size(args.memory_cap))
+                attach_commitments(server)  # a volunteer's outputs are verifiable by default
+                await server.start()
             _emit({"event": "joined", "peer_id": mesh.id, "name": mesh.name, "mesh": mesh.mesh_name})
             await stop.wait()
         finally:
@@ -188,6 +198,7 @@ async def _cmd_serve(args: argparse.Namespace) -> int:
 
     from .serve.cluster import start_local_cluster
     from .serve.sampling import SamplingParams
+    from .verify import attach_verification
 
     layers = [_parse_layers(x) for x in args.layers.split(",")] if args.layers else None
     if layers is not None and len(layers) != args.peers:
@@ -199,6 +210,7 @@ async def _cmd_serve(args: argparse.Namespace) -> int:
                                         api_key=args.api_key)
     try:
         engine = cluster.engine
+        attach_verification(engine)
         names = {p.id: p.name for p in cluster.mesh.peers()}
         print(f"mesh ready in {time.perf_counter() - t0:.1f} s; model {engine.model_name} "
               f"({engine.info.num_layers} layers)")
@@ -307,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", choices=["int8", "nf4"], help="quantize this peer's layers")
     p.add_argument("--memory-cap", help="offer at most this much memory, e.g. 2G")
+    p.add_argument("--threads", type=int, help="CPU threads for this peer's model work (default: torch's, all "
+                   "cores); leave cores to the machine's owner, or split them between peers on one host")
     _mesh_args(p)
     p.set_defaults(func=_cmd_peer)
 

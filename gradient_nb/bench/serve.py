@@ -51,6 +51,7 @@ async def _run(args: argparse.Namespace) -> dict:
     from ..models import load_tokenizer, resolve_model
     from ..serve.cluster import start_local_cluster
     from ..serve.sampling import SamplingParams
+    from ..verify import attach_verification
 
     path = resolve_model(args.model) if args.model else resolve_model()
     tok = load_tokenizer(path)
@@ -58,9 +59,11 @@ async def _run(args: argparse.Namespace) -> dict:
                                              tokenize=True, return_dict=True)["input_ids"]) for p in PROMPTS]
     base = await asyncio.to_thread(_baseline, path, tok, ids_list, args.tokens)
     layers = [tuple(int(v) for v in r.split(":")) for r in args.layers.split(",")] if args.layers else None
-    cluster = await start_local_cluster(args.peers, model=args.model, layers=layers)
+    peer_args = ["--threads", str(args.peer_threads)] if args.peer_threads else None
+    cluster = await start_local_cluster(args.peers, model=args.model, layers=layers, peer_args=peer_args)
     try:
         engine = cluster.engine
+        attach_verification(engine)  # as users serve: 1% of requests verified
         model_name = engine.model_name
         params = SamplingParams(temperature=0.0, max_tokens=args.tokens)
         # Both sides generate exactly args.tokens tokens: the baseline with min_new_tokens, the mesh by
@@ -95,7 +98,7 @@ async def _run(args: argparse.Namespace) -> dict:
     base = {"tokens_per_s": max(base["tokens_per_s"], again["tokens_per_s"]),
             "ttft_s": min(base["ttft_s"], again["ttft_s"])}
     return {
-        "benchmark": "serve", "model": model_name, "peers": args.peers, **mesh_figures,
+        "benchmark": "serve", "model": model_name, "peers": args.peers, "peer_threads": args.peer_threads, **mesh_figures,
         "new_tokens": args.tokens,
         "baseline_one_process_tokens_per_s": round(base["tokens_per_s"], 2),
         "baseline_one_process_ttft_s": round(base["ttft_s"], 4),
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", default=None, help="e.g. 0:10,10:20,20:30 (default: the scheduler)")
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--model", default=None)
+    p.add_argument("--peer-threads", type=int, default=None, help="CPU threads per serving peer process")
     args = p.parse_args(argv)
     print(json.dumps(asyncio.run(_run(args))))
     return 0

@@ -393,9 +393,13 @@ class NotebookSession:
         if self.api is not None:
             await self.api.stop()
             self.api = None
-        self.server = await ServingPeer(mesh, config.get("model"), dtype=config.get("dtype", "float32"),
-                                        quantization=config.get("quantization"), layers=config.get("layers"),
-                                        memory_cap_bytes=config.get("memory_cap")).start()
+        from ..verify import attach_commitments
+
+        self.server = ServingPeer(mesh, config.get("model"), dtype=config.get("dtype", "float32"),
+                                  quantization=config.get("quantization"), layers=config.get("layers"),
+                                  memory_cap_bytes=config.get("memory_cap"))
+        attach_commitments(self.server)
+        await self.server.start()
         engine = await self._get_engine(config.get("model"))
         if config.get("api"):
             from ..serve.api import serve_api
@@ -413,7 +417,10 @@ class NotebookSession:
         async with self._engine_lock:
             want = self.server.model_id if self.server is not None else None
             if self.engine is None or self.engine.mesh is not mesh or (want and self.engine.model_name != want):
+                from ..verify import attach_verification
+
                 self.engine = await asyncio.to_thread(MeshEngine, mesh, model)
+                attach_verification(self.engine)
         return self.engine
 
     async def wait_engine(self, timeout: float = SERVE_TIMEOUT, serving_peers: int = 1) -> Any:

@@ -67,8 +67,10 @@ class VerifyMagics(Magics):
                 raise UsageError("%verify reputation takes no arguments")
             return self._reputation()
         if cmd == "history":
+            from ..verify import verification_of
+
             engine = self._engine()
-            for a in engine.verify.history:
+            for a in verification_of(engine).history:
                 vs = ", ".join(f"{v.start}:{v.end} {v.status}" for v in a.verdicts) or "not verified"
                 print(f"{a.id}  {a.tokens} tokens  {vs}")
             return None
@@ -129,7 +131,7 @@ class VerifyMagics(Magics):
                 out = [t async for t in engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=ask[1]))]
                 handle.update(HTML(f"<pre>{html.escape(engine.tokenizer.decode(out, skip_special_tokens=True))}"
                                    "</pre><i>verifying…</i>"))
-                audit = engine.traces[-1].audit
+                audit = engine.traces[-1].observed.get("verify")
             report = await verify_generation(engine, audit if audit is not None else target, ranges)
             handle.update(HTML(report._repr_html_()))
             display(report.figure())

@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,18 +22,13 @@ from ..mesh.frames import Message
 from ..mesh.peer import Mesh
 from ..mesh.rpc import CallContext
 from ..models import load_shard, model_info, resolve_model
-from ..verify.commitments import Binding, CommitmentBuilder
 from .coordinator import Coordinator, allocation_of, model_cost, serving_peers
+from .observers import ShardObserver
 from .shard import ShardRuntime
 
 log = logging.getLogger(__name__)
 
 MAX_NEW_TOKENS_PER_CALL = 8192
-# --- verification (VeriLLM) -------------------------------------------------------------------------
-MAX_COMMIT_SESSIONS = 4096  # commitment buffers kept; a session never dropped is forgotten LRU-first
-# Test-only fault injection, read from this process's own environment at start (never from the
-# network): makes this peer a dishonest shard, so tests can check that verification catches it.
-TEST_FAULT_ENV = "GRADIENT_NB_TEST_FAULT"
 
 
 class BadForward(ValueError):
@@ -42,11 +36,13 @@ class BadForward(ValueError):
 
 
 class ServingPeer:
-    """Serves a layer range of ``model`` on ``mesh``. ``layers=None`` lets the coordinator choose."""
+    """Serves a layer range of ``model`` on ``mesh``. ``layers=None`` lets the coordinator choose.
+    ``observers`` watch the shard (``gradient_nb.verify.attach_commitments`` adds the commitments)."""
 
     def __init__(self, mesh: Mesh, model: str | None = None, *, dtype: str = "float32",
                  quantization: str | None = None, layers: tuple[int, int] | None = None,
-                 memory_cap_bytes: int | None = None, device: str = "cpu") -> None:
+                 memory_cap_bytes: int | None = None, device: str = "cpu",
+                 observers: Sequence[ShardObserver] = ()) -> None:
         self.mesh = mesh
         self.path = resolve_model(model) if model is not None else resolve_model()
         self.info = model_info(self.path)
@@ -67,8 +63,7 @@ class ServingPeer:
         self._announced: dict[str, Any] | None = None
         self._queue = 0
         self._latency_ms = 0.0
-        self._commits: OrderedDict[str, CommitmentBuilder] = OrderedDict()  # verification
-        self._test_fault = os.environ.get(TEST_FAULT_ENV) or None  # verification: test fault injection
+        self.observers: list[ShardObserver] = list(observers)
 
     async def start(self) -> ServingPeer:
         if self.fixed_layers is not None:
@@ -142,11 +137,8 @@ class ServingPeer:
         log.info("loading layers %d..%d of %s", start, end, self.model_id)
         shard = await asyncio.to_thread(load_shard, self.path, start, end, dtype=self.dtype,
                                         quantization=self.quantization, device=self.device)
-        if self._test_fault:  # verification: test fault injection (see TEST_FAULT_ENV)
-            from ..verify.simulate import apply_test_fault
-
-            log.warning("TEST FAULT INJECTION %r: this peer serves wrong activations", self._test_fault)
-            shard = apply_test_fault(shard, self._test_fault)
+        for obs in self.observers:
+            shard = obs.on_load(shard)
         self.runtime = ShardRuntime(shard)
         self.layers = (start, end)
         self.loads += 1
@@ -189,33 +181,18 @@ class ServingPeer:
         self.mesh.extra_record["serving_stats"] = self._stats()
         # The entry subtracts this from the call's wall time to learn the per-hop overhead (routing).
         header: dict[str, Any] = {"layers": [entry, end], "compute_ms": 1000 * (time.perf_counter() - started)}
-        records = self._commit(f"{ctx.peer_id}/{session}", entry, pos, x.shape[0], y, rt.is_last)  # verification
-        if records:
-            header["commit"] = records
+        for obs in self.observers:
+            header.update(obs.on_forward(f"{ctx.peer_id}/{session}", entry, end, pos, x.shape[0], y, rt.is_last))
         return Message(header, {"y": y})
-
-    def _commit(self, key: str, entry: int, pos: int, n: int, y: torch.Tensor, is_last: bool) -> list[dict[str, Any]]:
-        """Verification: signed top-k commitments to what this call returned (full chunks only; the
-        tail goes with the reply to shard.drop). The last stage returns, so commits to, the logits of
-        the call's last position."""
-        b = self._commits.get(key)
-        if b is None:
-            b = self._commits[key] = CommitmentBuilder(self.mesh.identity,
-                                                       Binding(self.info.content_hash, entry, self.layers[1], key))
-            while len(self._commits) > MAX_COMMIT_SESSIONS:
-                self._commits.popitem(last=False)
-        self._commits.move_to_end(key)
-        return b.push(pos + n - 1, y.reshape(1, -1)) if is_last else b.push(pos, y)
 
     async def _drop(self, msg: Message, ctx: CallContext) -> Message:
         session = msg.header.get("session")
         header: dict[str, Any] = {"ok": True}
         if self.runtime is not None and isinstance(session, str):
             self.runtime.drop(f"{ctx.peer_id}/{session}")
-        if isinstance(session, str):  # verification: the request's last commitment
-            b = self._commits.pop(f"{ctx.peer_id}/{session}", None)
-            if b is not None:
-                header["commit"] = b.flush()
+        if isinstance(session, str):
+            for obs in self.observers:
+                header.update(obs.on_drop(f"{ctx.peer_id}/{session}"))
         return Message(header)
 
     def _stats(self) -> dict[str, Any]:

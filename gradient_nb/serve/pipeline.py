@@ -17,7 +17,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +27,8 @@ from ..mesh.errors import MeshError, RemoteError
 from ..mesh.frames import Message
 from ..mesh.peer import Mesh
 from ..models import load_tokenizer, model_info, resolve_model
-from ..verify.service import RequestAudit, VerifyManager
 from .coordinator import allocation_of, model_cost, serving_peers
+from .observers import RequestObserver
 from .sampling import Sampler, SamplingParams
 from .scheduler import Stage, route
 
@@ -53,13 +53,15 @@ class RequestTrace:
     failovers: int = 0
     first_token_s: float | None = None
     tokens: int = 0
-    audit: RequestAudit | None = None  # verification: inputs and commitments per stage, verdicts
+    observed: dict[str, Any] = field(default_factory=dict)  # each observer's record, by its name
 
 
 class MeshEngine:
-    """Generates with a model served by the mesh; the OpenAI API and the notebook use this."""
+    """Generates with a model served by the mesh; the OpenAI API and the notebook use this.
+    ``observers`` watch every request (``gradient_nb.verify.attach_verification`` adds verification)."""
 
-    def __init__(self, mesh: Mesh, model: str | None = None) -> None:
+    def __init__(self, mesh: Mesh, model: str | None = None, *,
+                 observers: Sequence[RequestObserver] = ()) -> None:
         self.mesh = mesh
         self.path = resolve_model(model) if model is not None else resolve_model()
         self.info = model_info(self.path)
@@ -71,8 +73,7 @@ class MeshEngine:
         self._inflight: dict[str, int] = {}  # peer id -> requests routed through it by this entry
         self._background: set[asyncio.Task] = set()
         self.hop_overhead_s = INITIAL_HOP_OVERHEAD_S  # measured: call wall time minus the shard's compute
-        # Verification (VeriLLM): samples requests, verifies commitments, keeps peers' reputations.
-        self.verify = VerifyManager(mesh, self.path, self.info.content_hash, self.info.num_layers)
+        self.observers: list[RequestObserver] = list(observers)
 
     # -- routing -------------------------------------------------------------------------------
     def current_route(self, prompt_tokens: int = 1, exclude: set[str] = frozenset()) -> list[Stage]:
@@ -82,7 +83,7 @@ class MeshEngine:
             raise NoRoute(f"no allocation for {self.model_name} yet")
         # Only peers that are alive, have loaded the layers they were given, and did not just fail us.
         ready = {}
-        exclude = set(exclude) | self.verify.failed_peers()  # verification: avoid peers caught cheating
+        exclude = set(exclude).union(*(obs.avoided_peers() for obs in self.observers))
         for pid, rec in live.items():
             held = alloc.layers_of(pid)
             if pid not in exclude and held is not None and rec["serving"].get("ready") and \
@@ -111,7 +112,7 @@ class MeshEngine:
 
     # -- one step ------------------------------------------------------------------------------
     async def _step(self, chain: list[Stage], session: str, pos: int, tokens: list[int],
-                    audit: RequestAudit | None = None) -> torch.Tensor:
+                    trace: RequestTrace) -> torch.Tensor:
         x: torch.Tensor = torch.tensor(tokens, dtype=torch.int64)
         for stage in chain:
             t0 = time.perf_counter()
@@ -122,17 +123,19 @@ class MeshEngine:
             if isinstance(compute, int | float) and 0 <= compute:
                 overhead = max(0.0, time.perf_counter() - t0 - compute / 1000)
                 self.hop_overhead_s = 0.9 * self.hop_overhead_s + 0.1 * min(overhead, 1.0)
-            if audit is not None:  # verification
-                self.verify.on_call(audit, stage.peer_id, stage.start, stage.end, session, pos, x, reply.header)
+            for obs in self.observers:
+                obs.on_call(trace.observed[obs.name], stage.peer_id, stage.start, stage.end, session, pos, x,
+                            reply.header)
             x = reply.tensors["y"]
         return x
 
-    async def _drop(self, chain: list[Stage], session: str, audit: RequestAudit | None = None) -> None:
+    async def _drop(self, chain: list[Stage], session: str, trace: RequestTrace) -> None:
         for stage in chain:
             with contextlib.suppress(MeshError, TimeoutError):
                 reply = await self.mesh.call(stage.peer_id, "shard.drop", Message({"session": session}), timeout=5)
-                if audit is not None:  # verification: the tail of the commitments
-                    self.verify.on_drop(audit, stage.peer_id, stage.start, stage.end, session, reply.header)
+                for obs in self.observers:
+                    obs.on_drop(trace.observed[obs.name], stage.peer_id, stage.start, stage.end, session,
+                                reply.header)
 
     # -- the token loop ------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
@@ -146,12 +149,13 @@ class MeshEngine:
         chain = await self._wait_route(len(tokens), set(), REROUTE_TIMEOUT)
         session, pos, failed = secrets.token_hex(8), 0, set()
         trace.routes.append([(s.peer_id, s.start, s.end) for s in chain])
-        trace.audit = audit = self.verify.begin([(s.start, s.end) for s in chain])
+        for obs in self.observers:
+            trace.observed[obs.name] = obs.begin([(s.start, s.end) for s in chain])
         self._enter(chain)
         try:
             while trace.tokens < params.max_tokens:
                 try:
-                    logits = await self._step(chain, session, pos, tokens[pos:], audit)
+                    logits = await self._step(chain, session, pos, tokens[pos:], trace)
                 except (MeshError, TimeoutError) as exc:
                     if isinstance(exc, RemoteError) and exc.code not in ("BadForward", "SessionEvicted", "RuntimeClosed"):
                         raise
@@ -159,7 +163,7 @@ class MeshEngine:
                     failed |= {bad} if bad else set()
                     log.warning("stage failed (%s); re-routing request with %d tokens", exc, len(tokens))
                     self._leave(chain)
-                    self._drop_later(chain, session, audit)
+                    self._drop_later(chain, session, trace)
                     chain = await self._wait_route(len(tokens), failed, REROUTE_TIMEOUT)
                     self._enter(chain)
                     session, pos = secrets.token_hex(8), 0
@@ -178,12 +182,12 @@ class MeshEngine:
         finally:
             self._leave(chain)
             # Free the caches without making the caller wait for it.
-            dropped = self._drop_later(chain, session, audit)
-            audit.tokens, audit.generate_s = trace.tokens, time.perf_counter() - started
-            self.verify.finish_later(audit, dropped)  # verification of the sampled stages
+            dropped = self._drop_later(chain, session, trace)
+            for obs in self.observers:
+                obs.finish(trace.observed[obs.name], trace.tokens, time.perf_counter() - started, dropped)
 
-    def _drop_later(self, chain: list[Stage], session: str, audit: RequestAudit | None = None) -> asyncio.Task:
-        task = asyncio.ensure_future(self._drop(chain, session, audit))
+    def _drop_later(self, chain: list[Stage], session: str, trace: RequestTrace) -> asyncio.Task:
+        task = asyncio.ensure_future(self._drop(chain, session, trace))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task

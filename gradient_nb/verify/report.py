@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .attach import verification_of
 from .policy import SamplingPolicy
 from .service import RequestAudit
 from .verifier import Tolerance, Verdict
@@ -86,7 +87,8 @@ async def verify_generation(engine: Any, audit: RequestAudit | str | None = None
                             ranges: set[tuple[int, int]] | None = None) -> VerificationReport:
     """Verify every stage (or ``ranges``) of a generation of ``engine`` (a MeshEngine): the last one,
     or the one whose audit (or audit id) is given. Verdicts are recorded in the mesh state."""
-    history = list(engine.verify.history)
+    vm = verification_of(engine)
+    history = list(vm.history)
     if audit is None:
         if not history:
             raise LookupError("no generation to verify yet")
@@ -97,7 +99,7 @@ async def verify_generation(engine: Any, audit: RequestAudit | str | None = None
             raise LookupError(f"no recent generation {audit!r} (known: {[a.id for a in history]})")
         audit = found[0]
     await audit.done.wait()  # the sampled verification (if any) first: its verdicts are kept
-    await engine.verify.verify(audit, ranges=ranges)
+    await vm.verify(audit, ranges=ranges)
     verdicts = [s.verdict for s in audit.stages.values()
                 if s.verdict is not None and (ranges is None or (s.start, s.end) in ranges)]
     names = {p.id: p.name for p in engine.mesh.peers()} if hasattr(engine.mesh, "peers") else {}
@@ -106,5 +108,6 @@ async def verify_generation(engine: Any, audit: RequestAudit | str | None = None
 
 def set_policy(engine: Any, rate: float) -> SamplingPolicy:
     """Verify each stage of each request of ``engine`` with probability ``rate`` from now on."""
-    engine.verify.policy = SamplingPolicy(rate)
-    return engine.verify.policy
+    vm = verification_of(engine)
+    vm.policy = SamplingPolicy(rate)
+    return vm.policy

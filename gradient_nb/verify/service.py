@@ -116,7 +116,17 @@ class VerifyManager:
         self.verify_s = 0.0  # wall time spent verifying, for the cost figures
         self.verified_tokens = 0
 
-    # -- recording (called by the pipeline) ----------------------------------------------------
+    # -- recording (a RequestObserver of serve's MeshEngine) -----------------------------------
+    name = "verify"
+
+    def avoided_peers(self) -> set[str]:
+        """Peers caught cheating: routing avoids them."""
+        return self.failed_peers()
+
+    def finish(self, audit: RequestAudit, tokens: int, generate_s: float, dropped: asyncio.Future) -> None:
+        audit.tokens, audit.generate_s = tokens, generate_s
+        self.finish_later(audit, dropped)  # the sampled stages, once their tail commitments are in
+
     def begin(self, stages: Sequence[tuple[int, int]]) -> RequestAudit:
         audit = RequestAudit(secrets.token_hex(8), self.mesh.id)
         chosen = self.policy.choose(len(stages))

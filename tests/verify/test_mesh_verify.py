@@ -17,9 +17,9 @@ from gradient_nb.mesh.identity import Identity
 from gradient_nb.mesh.peer import join
 from gradient_nb.mesh.rendezvous import Rendezvous
 from gradient_nb.serve.cluster import wait_ready
-from gradient_nb.serve.node import TEST_FAULT_ENV
 from gradient_nb.serve.pipeline import MeshEngine, NoRoute
 from gradient_nb.serve.sampling import SamplingParams
+from gradient_nb.verify import TEST_FAULT_ENV, attach_verification, verification_of
 from gradient_nb.verify.policy import SamplingPolicy
 from gradient_nb.verify.report import verify_generation
 from gradient_nb.verify.reputation import reputations
@@ -33,7 +33,7 @@ async def _generate(engine: MeshEngine, n: int = 10):
     ids = engine.encode([{"role": "user", "content": "What is the capital of France?"}])
     out = [t async for t in engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=n))]
     trace = engine.traces[-1]
-    await asyncio.wait_for(trace.audit.done.wait(), 300)
+    await asyncio.wait_for(trace.observed["verify"].done.wait(), 300)
     return out, trace
 
 
@@ -49,11 +49,11 @@ async def test_dishonest_peer_is_caught_and_avoided(capsys):
         a, bad, c = [(await read_event(p, 120))["peer_id"] for p in procs]
         mesh = await join(rv.url, name="entry", identity=Identity.generate(), probe_seconds=0.05)
         engine = await asyncio.to_thread(MeshEngine, mesh)
-        engine.verify.policy = SamplingPolicy(1.0)  # verify every stage of every request
+        attach_verification(engine, SamplingPolicy(1.0))  # verify every stage of every request
         await wait_ready(mesh, engine, 3, 300)
 
         _, trace = await _generate(engine)
-        by_peer = {v.peer: v for v in trace.audit.verdicts}
+        by_peer = {v.peer: v for v in trace.observed["verify"].verdicts}
         assert set(by_peer) == {a, bad, c}
         assert by_peer[bad].status == "fail", by_peer[bad].reason
         # The last stage got the cheater's states as inputs and computed honestly on them: not blamed.
@@ -75,12 +75,12 @@ async def test_dishonest_peer_is_caught_and_avoided(capsys):
 
         _, trace2 = await _generate(engine)
         assert all(bad not in {p for p, _, _ in r} for r in trace2.routes)
-        verdicts = {v.peer: v for v in trace2.audit.verdicts}
+        verdicts = {v.peer: v for v in trace2.observed["verify"].verdicts}
         assert honest in verdicts
         assert all(v.ok for v in verdicts.values()), [(v.peer[:8], v.reason) for v in verdicts.values()]
 
         # The %%verify API on the first (dishonest) generation: a verdict per shard, a plot, the cost.
-        report = await verify_generation(engine, trace.audit.id)
+        report = await verify_generation(engine, trace.observed["verify"].id)
         rows = {r["layers"]: r for r in report.rows()}
         assert rows["10:20"]["verdict"] == "fail" and rows["0:10"]["verdict"] == "pass"
         assert report.cost_fraction > 0 and len(report.figure().data) == 2
@@ -98,7 +98,7 @@ async def test_dishonest_peer_is_caught_and_avoided(capsys):
         session.engine, session.mesh = engine, mesh
         try:
             ip.run_line_magic("verify", "policy 5%")
-            assert engine.verify.policy.rate == pytest.approx(0.05)
+            assert verification_of(engine).policy.rate == pytest.approx(0.05)
             capsys.readouterr()
             ip.run_line_magic("verify", "reputation")
             table = capsys.readouterr().out

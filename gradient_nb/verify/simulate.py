@@ -22,6 +22,7 @@ from ..mesh.identity import Identity
 from ..models.loader import ShardModel, load_shard
 from ..serve.shard import ShardRuntime
 from .commitments import Binding, CommitmentBuilder
+from .verifier import Tolerance, Verdict, verify_stage
 
 ATTACKS = ("skip_layer", "perturb_weights", "nf4_not_fp32", "other_request", "random_states")
 
@@ -77,6 +78,27 @@ async def serve_stage(runtime: ShardRuntime, identity: Identity, model_hash: str
 
     await asyncio.gather(*(one(i) for i in range(len(requests))))
     return served
+
+
+def serve_and_verify(server: ShardModel, verifier: ShardModel, inputs: Sequence[torch.Tensor], prompt_len: int,
+                     identity: Identity, model_hash: str, *, tol: Tolerance | None = None,
+                     fed: Sequence[torch.Tensor] | None = None,
+                     outputs_override: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None
+                     ) -> list[Verdict]:
+    """Serve ``fed`` (default: ``inputs``) as one batch on a fresh runtime of ``server``, then verify each
+    served request as ``verifier`` (another copy of the layers) re-computes the matching ``inputs``."""
+    runtime = ShardRuntime(server)
+
+    async def go() -> list[Served]:
+        try:
+            return await serve_stage(runtime, identity, model_hash, inputs if fed is None else fed, prompt_len,
+                                     outputs_override=outputs_override)
+        finally:
+            await runtime.aclose()
+
+    return [verify_stage(verifier, x, s.records, s.binding, peer=identity.peer_id, tol=tol,
+                         expected_positions=s.positions)
+            for x, s in zip(inputs, asyncio.run(go()), strict=True)]
 
 
 # ------------------------------------------------------------------------------- attacks

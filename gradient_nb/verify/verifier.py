@@ -38,8 +38,7 @@ class Tolerance:
     Calibrated on the bundled model, 3 stages x batch sizes 1 and 8 x 1 and 2 threads. float32
     honest: max err <= 4.8e-4 (the float16 rounding of the committed values is the floor), mean
     <= 3.7e-4, overlap 1.0; the mildest attack measured, 1 % weight noise, gave chunk means >= 4.5e-3
-    and maxima >= 8.8e-3. int8 against another int8 peer honest: max <= 0.23, mean <= 0.047, row
-    overlap >= 0.75; a skipped layer gave means >= 0.15.
+    and maxima >= 8.8e-3. Other precisions get their own limits (_PRECISION_LIMITS).
     """
 
     max_err: float = 0.004
@@ -77,7 +76,8 @@ _PRECISION_LIMITS: dict[str, Tolerance] = {
     "float32": Tolerance(),
     # int8 (bitsandbytes LLM.int8: the outlier columns kept in float16 depend on the whole batch, so
     # batch composition moves the values) against another int8 peer: max <= 0.31, mean <= 0.044,
-    # overlap >= 0.75 / 0.9 (20-token requests); a skipped layer gave means >= 0.15. Weight noise
+    # overlap >= 0.75 / 0.9 on 20-token requests, >= 0.625 / 0.875 on 64-token ones (264 runs, the
+    # overlap limits 0.4 / 0.8 hold both); a skipped layer gave means >= 0.15. Weight noise
     # below 10 % of each matrix's std is not reliably caught: 1 % in 1 of 54 runs, 5 % in 34 of 54
     # (never on the logits stage), 10 % in 54 of 54. No statistic of the commitments tried (the mean
     # error over all committed entries, the top-k mismatch fraction) separates 1 % from honest int8

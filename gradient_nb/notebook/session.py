@@ -355,6 +355,9 @@ class NotebookSession:
             with contextlib.suppress(Exception):
                 await self.server.stop(handover_timeout=handover if stays else 0)
             self.server = None
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                await self.engine.aclose()
         self.engine = None
         await self.stop_local_peers()
         if self.mesh is not None:
@@ -419,6 +422,9 @@ class NotebookSession:
             if self.engine is None or self.engine.mesh is not mesh or (want and self.engine.model_name != want):
                 from ..verify import attach_verification
 
+                if self.engine is not None and self.engine.mesh is not mesh:
+                    with contextlib.suppress(Exception):
+                        await self.engine.aclose()  # its mesh is gone; a model switch lets old requests end
                 self.engine = await asyncio.to_thread(MeshEngine, mesh, model)
                 attach_verification(self.engine)
         return self.engine

@@ -39,6 +39,7 @@ class LocalCluster:
         if self.api is not None:
             with contextlib.suppress(Exception):
                 await self.api.stop()
+        await self.engine.aclose()
         await self.mesh.leave()
         await asyncio.to_thread(stop_processes, self.processes)
         await self.rendezvous.stop()

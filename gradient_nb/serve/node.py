@@ -18,21 +18,78 @@ from typing import Any
 
 import torch
 
+from ..mesh.errors import MeshError, remote_error
 from ..mesh.frames import Message
 from ..mesh.peer import Mesh
 from ..mesh.rpc import CallContext
 from ..models import load_shard, model_info, resolve_model
 from .coordinator import Coordinator, allocation_of, model_cost, serving_peers
 from .observers import ShardObserver
-from .shard import ShardRuntime
+from .sampling import parse_spec, sample_with
+from .shard import ShardError, ShardRuntime
 
 log = logging.getLogger(__name__)
 
 MAX_NEW_TOKENS_PER_CALL = 8192
+MAX_ITEMS_PER_CALL = 256
+MAX_SESSION_LEN = 128
 
 
 class BadForward(ValueError):
     """A forward request this shard cannot run (wrong model or layers, bad inputs)."""
+
+
+def _parse_items(items: Any, is_last: bool) -> list[dict[str, Any]]:
+    """The ``items`` of a ``shard.forward`` call, checked: [{session, pos, n, sample?}, ...]."""
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_ITEMS_PER_CALL:
+        raise BadForward(f"shard.forward needs a list of 1..{MAX_ITEMS_PER_CALL} items")
+    out, seen = [], set()
+    for it in items:
+        if not isinstance(it, dict):
+            raise BadForward("each item is a map of session, pos and n")
+        session, pos, n, sample = it.get("session"), it.get("pos"), it.get("n"), it.get("sample")
+        if not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_LEN or session in seen:
+            raise BadForward("each item needs its own session id (a string of at most 128 characters)")
+        if not isinstance(pos, int) or isinstance(pos, bool) or pos < 0 or \
+                not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise BadForward("each item needs pos >= 0 and n >= 1")
+        if sample is not None:
+            if not is_last:
+                raise BadForward("only the last stage samples")
+            try:
+                sample = parse_spec(sample)
+            except ValueError as exc:
+                raise BadForward(f"bad sampling spec: {exc}") from None
+        seen.add(session)
+        out.append({"session": session, "pos": pos, "n": n, "sample": sample})
+    return out
+
+
+class BadReply(MeshError):
+    """A serving peer answered ``shard.forward`` with something malformed (a faulty or dishonest peer)."""
+
+    def __init__(self, message: str, peer_id: str | None = None) -> None:
+        super().__init__(message)
+        self.peer_id = peer_id
+
+
+def forward_items(reply: Message, n_items: int) -> list[dict[str, Any]]:
+    """The per-item replies of a ``shard.forward`` call (raises ``BadReply`` on a malformed reply)."""
+    items = reply.header.get("items")
+    if not isinstance(items, list) or len(items) != n_items or not all(isinstance(i, dict) for i in items):
+        raise BadReply(f"the reply does not answer the call's {n_items} items")
+    return items
+
+
+def forward_one(reply: Message) -> torch.Tensor:
+    """The output of a one-item ``shard.forward`` call; the item's error raised as the typed error."""
+    (item,) = forward_items(reply, 1)
+    if "error" in item:
+        raise remote_error(str(item["error"]), str(item.get("message", "")))
+    y = reply.tensors.get("y")
+    if y is None:
+        raise BadReply("the reply carries no output")
+    return y
 
 
 class ServingPeer:
@@ -144,6 +201,8 @@ class ServingPeer:
         self.loads += 1
 
     async def _forward(self, msg: Message, ctx: CallContext) -> Message:
+        """Run this peer's layers on a batch of requests' new tokens (the entry coalesces concurrent
+        requests on the same chain into one call, so they share one model pass here)."""
         h = msg.header
         rt = self.runtime
         if rt is None or self.layers is None:
@@ -155,35 +214,54 @@ class ServingPeer:
         if not isinstance(entry, int) or end != self.layers[1] or not self.layers[0] <= entry < end:
             raise BadForward(f"this peer runs layers {self.layers[0]}..{self.layers[1]} (entered at any of them, "
                              f"to the end), not {entry}..{end}")
-        session, pos = h.get("session"), h.get("pos")
+        items = _parse_items(h.get("items"), rt.is_last)
         x = msg.tensors.get("x")
-        if not isinstance(session, str) or not isinstance(pos, int) or pos < 0 or x is None:
-            raise BadForward("shard.forward needs session, pos and a tensor x")
+        total = sum(it["n"] for it in items)
+        if x is None or x.dim() < 1 or x.shape[0] != total or total > MAX_NEW_TOKENS_PER_CALL:
+            raise BadForward(f"x must hold the items' {total} tokens (at most {MAX_NEW_TOKENS_PER_CALL} a call)")
         if entry == 0:
-            if x.dtype != torch.int64 or x.dim() != 1 or not 0 < x.numel() <= MAX_NEW_TOKENS_PER_CALL:
+            if x.dtype != torch.int64 or x.dim() != 1:
                 raise BadForward("the first stage takes a 1-d int64 tensor of token ids")
             if int(x.min()) < 0 or int(x.max()) >= self.info.vocab_size:
                 raise BadForward("token id out of the vocabulary")
-        elif x.dim() != 2 or x.shape[1] != self.info.hidden_size or not x.is_floating_point() \
-                or not 0 < x.shape[0] <= MAX_NEW_TOKENS_PER_CALL:
+        elif x.dim() != 2 or x.shape[1] != self.info.hidden_size or not x.is_floating_point():
             raise BadForward(f"this stage takes hidden states [tokens, {self.info.hidden_size}]")
-        positions = list(range(pos, pos + x.shape[0]))
+        keys = [f"{ctx.peer_id}/{it['session']}" for it in items]
+        chunks = torch.split(x, [it["n"] for it in items])
         started = time.perf_counter()
-        self._queue += 1
+        self._queue += len(items)
         self.mesh.extra_record["serving_stats"] = self._stats()
         try:
-            y = await rt.forward(f"{ctx.peer_id}/{session}", positions, x, entry=entry)
+            # All items enter the runtime's queue before its batcher wakes: one model pass for all.
+            outs = await asyncio.gather(*(rt.forward(k, range(it["pos"], it["pos"] + it["n"]), c, entry=entry)
+                                          for k, it, c in zip(keys, items, chunks, strict=True)),
+                                        return_exceptions=True)
         finally:
-            self._queue -= 1
-        self.served_tokens += x.shape[0]
+            self._queue -= len(items)
+        for out in outs:  # a runtime fault fails the call; a request's own problem fails only its item
+            if isinstance(out, BaseException) and not isinstance(out, ShardError):
+                raise out
+        self.served_tokens += total
         self._latency_ms = 0.8 * self._latency_ms + 0.2 * 1000 * (time.perf_counter() - started)
         # Picked up by the next heartbeat: per-call publishing would flood the mesh with updates.
         self.mesh.extra_record["serving_stats"] = self._stats()
-        # The entry subtracts this from the call's wall time to learn the per-hop overhead (routing).
-        header: dict[str, Any] = {"layers": [entry, end], "compute_ms": 1000 * (time.perf_counter() - started)}
-        for obs in self.observers:
-            header.update(obs.on_forward(f"{ctx.peer_id}/{session}", entry, end, pos, x.shape[0], y, rt.is_last))
-        return Message(header, {"y": y})
+        replies: list[dict[str, Any]] = []
+        rows: list[torch.Tensor] = []
+        for key, it, out in zip(keys, items, outs, strict=True):
+            if isinstance(out, BaseException):
+                replies.append({"error": type(out).__name__, "message": str(out)})
+                continue
+            reply: dict[str, Any] = {}
+            for obs in self.observers:
+                reply.update(obs.on_forward(key, entry, end, it["pos"], it["n"], out, rt.is_last))
+            if rt.is_last and it["sample"] is not None:
+                reply["token"] = sample_with(out.reshape(-1)[: self.info.vocab_size], it["sample"])
+            else:
+                rows.append(out.reshape(1, -1) if rt.is_last else out)
+            replies.append(reply)
+        # The entry subtracts compute_ms from the call's wall time to learn the per-hop overhead (routing).
+        header = {"layers": [entry, end], "compute_ms": 1000 * (time.perf_counter() - started), "items": replies}
+        return Message(header, {"y": torch.cat(rows)} if rows else {})
 
     async def _drop(self, msg: Message, ctx: CallContext) -> Message:
         session = msg.header.get("session")

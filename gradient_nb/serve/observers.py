@@ -62,3 +62,7 @@ class RequestObserver(Protocol):
     def finish(self, record: Any, tokens: int, generate_s: float, dropped: asyncio.Future) -> None:
         """The request ended after ``tokens`` tokens; ``dropped`` completes when every stage dropped it."""
         ...
+
+    async def aclose(self) -> None:
+        """The engine is closing: stop any task this observer started."""
+        ...

@@ -1,8 +1,11 @@
 """Generation across the mesh: phase 2 of the scheduler, the token loop, and failover.
 
 The entry peer (the one a user talks to) drives every request: for each step it sends the new tokens
-through the chain of stages chosen for the request, gets the last stage's logits back and samples.
-Each stage keeps the request's KV cache, so a decode step moves one token's hidden state per hop.
+through the chain of stages chosen for the request, and the last stage draws the next token (from a
+per-step seed the entry gives it, so only a token id comes back, not the vocabulary's logits). Each
+stage keeps the request's KV cache, so a decode step moves one token's hidden state per hop.
+Concurrent requests on the same chain travel together: one call per stage carries all their steps,
+and the stage runs them as one batched model pass.
 
 When a stage fails (its peer vanished, timed out or lost its layers), the request re-routes over the
 peers that now cover the layers (waiting for the coordinator to re-plan if nobody does), and replays
@@ -17,17 +20,19 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..mesh.errors import MeshError, RemoteError
+from ..mesh.errors import MeshError, RemoteError, remote_error
 from ..mesh.frames import Message
 from ..mesh.peer import Mesh
 from ..models import load_tokenizer, model_info, resolve_model
 from .coordinator import allocation_of, model_cost, serving_peers
+from .node import MAX_NEW_TOKENS_PER_CALL, BadReply, forward_items
 from .observers import RequestObserver
 from .sampling import Sampler, SamplingParams
 from .scheduler import Stage, route
@@ -39,10 +44,18 @@ STAGE_TIMEOUT = 60.0
 # 2-core CPU (framing, data channel, event loops), i.e. 2 layers of the default model's compute.
 INITIAL_HOP_OVERHEAD_S = 0.002
 REROUTE_TIMEOUT = 120.0
+# How long a batch waits for the chain's other requests to submit their step: about one hop's overhead,
+# small against a step, long enough for requests woken by the previous batch to catch up.
+GATHER_WAIT_S = 0.002
+MAX_BATCH_TOKENS = MAX_NEW_TOKENS_PER_CALL
 
 
 class NoRoute(MeshError):
     """No chain of live peers covers every layer of the model."""
+
+
+class EngineClosed(MeshError):
+    """The engine was closed while the request was generating."""
 
 
 @dataclass
@@ -74,6 +87,10 @@ class MeshEngine:
         self._background: set[asyncio.Task] = set()
         self.hop_overhead_s = INITIAL_HOP_OVERHEAD_S  # measured: call wall time minus the shard's compute
         self.observers: list[RequestObserver] = list(observers)
+        self._batchers: dict[tuple, _ChainBatcher] = {}
+        self.batch_sizes: deque[int] = deque(maxlen=1024)  # requests per chain pass, newest last
+        self._active: dict[tuple, int] = {}  # chain -> requests generating on it now
+        self._closed = False
 
     # -- routing -------------------------------------------------------------------------------
     def current_route(self, prompt_tokens: int = 1, exclude: set[str] = frozenset()) -> list[Stage]:
@@ -111,23 +128,69 @@ class MeshEngine:
             await asyncio.sleep(0.2)
 
     # -- one step ------------------------------------------------------------------------------
-    async def _step(self, chain: list[Stage], session: str, pos: int, tokens: list[int],
-                    trace: RequestTrace) -> torch.Tensor:
-        x: torch.Tensor = torch.tensor(tokens, dtype=torch.int64)
-        for stage in chain:
+    async def _step(self, chain: list[Stage], session: str, pos: int, tokens: list[int], trace: RequestTrace,
+                    sample: dict[str, Any]) -> int:
+        """Run a request's new tokens through ``chain``; the last stage draws the next token."""
+        if self._closed:
+            raise EngineClosed("the engine was closed")
+        key = _chain_key(chain)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            batcher = self._batchers[key] = _ChainBatcher(self, chain)
+        return await batcher.submit(_Pending(session, pos, torch.tensor(tokens, dtype=torch.int64), sample, trace))
+
+    async def _run_batch(self, chain: list[Stage], batch: list[_Pending]) -> None:
+        """One step of every request in ``batch`` through ``chain``: one call per stage carries them all,
+        so each stage runs them as one model pass. A request's own error fails only that request."""
+        inputs = {id(p): p.x for p in batch}
+        live = batch
+        for i, stage in enumerate(chain):
+            last = i == len(chain) - 1
+            live = [p for p in live if not p.future.done()]  # a cancelled request stops here
+            if not live:
+                return
+            items = [{"session": p.session, "pos": p.pos, "n": int(p.x.shape[0]),
+                      **({"sample": p.sample} if last else {})} for p in live]
             t0 = time.perf_counter()
             reply = await self.mesh.call(stage.peer_id, "shard.forward", Message(
-                {"model": self.model_name, "session": session, "pos": pos, "start": stage.start,
-                 "end": stage.end}, {"x": x}), timeout=STAGE_TIMEOUT)
+                {"model": self.model_name, "start": stage.start, "end": stage.end, "items": items},
+                {"x": torch.cat([inputs[id(p)] for p in live])}), timeout=STAGE_TIMEOUT)
             compute = reply.header.get("compute_ms")
             if isinstance(compute, int | float) and 0 <= compute:
                 overhead = max(0.0, time.perf_counter() - t0 - compute / 1000)
                 self.hop_overhead_s = 0.9 * self.hop_overhead_s + 0.1 * min(overhead, 1.0)
-            for obs in self.observers:
-                obs.on_call(trace.observed[obs.name], stage.peer_id, stage.start, stage.end, session, pos, x,
-                            reply.header)
-            x = reply.tensors["y"]
-        return x
+            try:
+                answers = forward_items(reply, len(live))
+                ok = [(p, a) for p, a in zip(live, answers, strict=True) if "error" not in a]
+                if last:
+                    tokens = [a.get("token") for _, a in ok]
+                    if not all(isinstance(t, int) and 0 <= t < self.info.vocab_size for t in tokens):
+                        raise BadReply("the last stage answered without a valid token id")
+                else:
+                    y = reply.tensors.get("y")
+                    rows = sum(int(p.x.shape[0]) for p, _ in ok)
+                    if ok and (y is None or y.dim() != 2 or y.shape != (rows, self.info.hidden_size)
+                               or not y.is_floating_point()):
+                        raise BadReply(f"the stage returned hidden states of shape "
+                                       f"{None if y is None else tuple(y.shape)} for {rows} tokens")
+            except BadReply as exc:
+                exc.peer_id = stage.peer_id
+                raise
+            offset = 0
+            for p, a in zip(live, answers, strict=True):
+                if "error" in a:
+                    p.fail(remote_error(str(a["error"]), str(a.get("message", ""))))
+                    continue
+                for obs in self.observers:
+                    obs.on_call(p.trace.observed[obs.name], stage.peer_id, stage.start, stage.end, p.session,
+                                p.pos, inputs[id(p)], a)
+                if last:
+                    p.done(int(a["token"]))
+                else:
+                    n = int(p.x.shape[0])
+                    inputs[id(p)] = y[offset: offset + n]
+                    offset += n
+            live = [p for p, _ in ok]
 
     async def _drop(self, chain: list[Stage], session: str, trace: RequestTrace) -> None:
         for stage in chain:
@@ -155,8 +218,10 @@ class MeshEngine:
         try:
             while trace.tokens < params.max_tokens:
                 try:
-                    logits = await self._step(chain, session, pos, tokens[pos:], trace)
+                    token = await self._step(chain, session, pos, tokens[pos:], trace, sampler.spec(trace.tokens))
                 except (MeshError, TimeoutError) as exc:
+                    if isinstance(exc, EngineClosed):
+                        raise
                     if isinstance(exc, RemoteError) and exc.code not in ("BadForward", "SessionEvicted", "RuntimeClosed"):
                         raise
                     bad = _failed_stage(chain, exc)
@@ -171,7 +236,6 @@ class MeshEngine:
                     trace.routes.append([(s.peer_id, s.start, s.end) for s in chain])
                     continue
                 pos = len(tokens)
-                token = sampler.next_token(logits.reshape(-1)[: self.info.vocab_size].float())
                 if token in self.eos_ids:
                     break  # like the OpenAI API and LocalEngine: EOS ends the answer and is not part of it
                 tokens.append(token)
@@ -186,19 +250,49 @@ class MeshEngine:
             for obs in self.observers:
                 obs.finish(trace.observed[obs.name], trace.tokens, time.perf_counter() - started, dropped)
 
-    def _drop_later(self, chain: list[Stage], session: str, trace: RequestTrace) -> asyncio.Task:
+    def _drop_later(self, chain: list[Stage], session: str, trace: RequestTrace) -> asyncio.Future:
+        if self._closed:  # the stages evict the session on their own when it stays idle
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
         task = asyncio.ensure_future(self._drop(chain, session, trace))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
 
+    async def aclose(self) -> None:
+        """Stop the engine's own tasks (batches in flight, cache drops) and its observers'; requests still
+        generating fail with ``EngineClosed``. The owner of the engine calls this before leaving the mesh."""
+        self._closed = True
+        tasks = [b.task for b in self._batchers.values() if b.task is not None] + list(self._background)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self._batchers.clear()
+        for obs in self.observers:
+            close = getattr(obs, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+
     def _enter(self, chain: list[Stage]) -> None:
         for s in chain:
             self._inflight[s.peer_id] = self._inflight.get(s.peer_id, 0) + 1
+        key = _chain_key(chain)
+        self._active[key] = self._active.get(key, 0) + 1
 
     def _leave(self, chain: list[Stage]) -> None:
         for s in chain:
             self._inflight[s.peer_id] = max(0, self._inflight.get(s.peer_id, 0) - 1)
+        key = _chain_key(chain)
+        self._active[key] = self._active.get(key, 0) - 1
+        if self._active[key] <= 0:
+            del self._active[key]
+            batcher = self._batchers.get(key)
+            if batcher is not None and batcher.idle():
+                del self._batchers[key]
 
     async def complete(self, prompt: str | list[dict[str, str]], params: SamplingParams) -> str:
         """The whole answer to a prompt (a chat message list gets the model's chat template)."""
@@ -213,6 +307,94 @@ class MeshEngine:
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
+
+
+def _chain_key(chain: list[Stage]) -> tuple:
+    return tuple((s.peer_id, s.start, s.end) for s in chain)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One request's step, waiting to ride the next batch along its chain."""
+
+    session: str
+    pos: int
+    x: torch.Tensor
+    sample: dict[str, Any]
+    trace: RequestTrace
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def done(self, token: int) -> None:
+        if not self.future.done():
+            self.future.set_result(token)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class _ChainBatcher:
+    """Coalesces the steps of the requests generating on one chain into one call per stage.
+
+    Without it, concurrent requests reach each stage at scattered times and run in small, inefficient
+    batches (and a star of separate calls). Steps are gathered while the previous batch runs; before a
+    batch leaves, it waits a moment (``GATHER_WAIT_S``) for requests on the chain that have not yet
+    submitted their next step, so the chain's requests stay in step with each other.
+    """
+
+    def __init__(self, engine: MeshEngine, chain: list[Stage]) -> None:
+        self.engine = engine
+        self.chain = chain
+        self.key = _chain_key(chain)
+        self.queue: list[_Pending] = []
+        self.task: asyncio.Task | None = None
+        self._arrived = asyncio.Event()
+
+    def idle(self) -> bool:
+        return not self.queue and (self.task is None or self.task.done())
+
+    async def submit(self, p: _Pending) -> int:
+        self.queue.append(p)
+        self._arrived.set()
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._run())
+        return await p.future
+
+    async def _run(self) -> None:
+        batch: list[_Pending] = []
+        try:
+            while self.queue:
+                deadline = time.monotonic() + GATHER_WAIT_S
+                while len(self.queue) < self.engine._active.get(self.key, 0) and time.monotonic() < deadline:
+                    self._arrived.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._arrived.wait(), max(0.0, deadline - time.monotonic()))
+                batch, tokens = [], 0
+                for p in self.queue:
+                    n = int(p.x.shape[0])
+                    if batch and tokens + n > MAX_BATCH_TOKENS:
+                        break
+                    batch.append(p)
+                    tokens += n
+                del self.queue[: len(batch)]
+                batch = [p for p in batch if not p.future.done()]
+                if not batch:
+                    continue
+                self.engine.batch_sizes.append(len(batch))
+                try:
+                    await self.engine._run_batch(self.chain, batch)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:  # the call failed: every request in it fails over on its own
+                    for p in batch:
+                        p.fail(exc)
+                for p in batch:  # a reply that skipped a request must not leave it waiting
+                    p.fail(BadReply("the chain did not answer this request"))
+        except asyncio.CancelledError:  # only MeshEngine.aclose cancels a batcher
+            for p in batch + self.queue:
+                p.fail(EngineClosed("the engine was closed"))
+            self.queue.clear()
+            raise
 
 
 def _failed_stage(chain: list[Stage], exc: Exception) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,31 +31,67 @@ class SamplingParams:
             raise ValueError("stop takes at most 4 non-empty strings")
 
 
+MAX_SEED = (1 << 63) - 1
+
+
 class Sampler:
-    """Picks the next token from last-position logits; one per request (it owns the RNG)."""
+    """Picks the next token from last-position logits; one per request.
+
+    Each draw uses a generator seeded from (request seed, step), not one generator consumed in order:
+    the peer that holds the model's head can then draw a request's token itself (``spec`` travels
+    with the call, ``sample_with`` draws), so a step moves a token id instead of the whole vocabulary's
+    logits, and a replay after a failover draws exactly what the lost chain would have.
+    """
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        self.generator = torch.Generator(device="cpu")
-        if params.seed is None:
-            self.generator.seed()  # fresh OS entropy: unseeded requests must not repeat each other
-        else:
-            self.generator.manual_seed(params.seed)
+        # Unseeded requests get fresh OS entropy: they must not repeat each other.
+        self.seed = secrets.randbelow(MAX_SEED + 1) if params.seed is None else int(params.seed) & MAX_SEED
+        self.step = 0
+
+    def spec(self, step: int | None = None) -> dict[str, Any]:
+        """What the peer holding the head needs to draw token ``step`` (msgpack-able)."""
+        p = self.params
+        return {"temperature": float(p.temperature), "top_p": float(p.top_p), "seed": self.seed,
+                "step": self.step if step is None else int(step)}
 
     def next_token(self, logits: torch.Tensor) -> int:
-        logits = logits.detach().reshape(-1).to("cpu", torch.float32)
-        p = self.params
-        if p.temperature == 0.0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            # keep a token when the mass before it is still below top_p (the top token is always kept)
-            keep = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) < p.top_p
-            sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-            choice = torch.multinomial(sorted_probs, 1, generator=self.generator)
-            return int(order[choice])
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        token = sample_with(logits, self.spec())
+        self.step += 1
+        return token
+
+
+def parse_spec(spec: Any) -> dict[str, Any]:
+    """A sampling spec that came from the network, checked (ValueError says what is wrong)."""
+    if not isinstance(spec, dict):
+        raise ValueError("a sampling spec is a map of temperature, top_p, seed and step")
+    t, p, seed, step = (spec.get(k) for k in ("temperature", "top_p", "seed", "step"))
+    if not isinstance(t, int | float) or isinstance(t, bool) or not 0.0 <= t <= 2.0:
+        raise ValueError("temperature must be a number in [0, 2]")
+    if not isinstance(p, int | float) or isinstance(p, bool) or not 0.0 < p <= 1.0:
+        raise ValueError("top_p must be a number in (0, 1]")
+    for name, v in (("seed", seed), ("step", step)):
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_SEED:
+            raise ValueError(f"{name} must be an integer in [0, 2**63)")
+    return {"temperature": float(t), "top_p": float(p), "seed": seed, "step": step}
+
+
+def sample_with(logits: torch.Tensor, spec: dict[str, Any]) -> int:
+    """Draw one token from last-position logits as ``spec`` (``Sampler.spec``) says."""
+    logits = logits.detach().reshape(-1).to("cpu", torch.float32)
+    if spec["temperature"] == 0.0:
+        return int(torch.argmax(logits))
+    digest = hashlib.blake2b(f"{spec['seed']}:{spec['step']}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & MAX_SEED)
+    probs = torch.softmax(logits / spec["temperature"], dim=-1)
+    if spec["top_p"] < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep a token when the mass before it is still below top_p (the top token is always kept)
+        keep = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) < spec["top_p"]
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class StopDetector:

@@ -30,6 +30,7 @@ from ..mesh.errors import MeshError
 from ..mesh.frames import Message
 from ..mesh.peer import Mesh
 from ..models.loader import ShardModel, load_shard
+from ..serve.node import forward_one
 from .commitments import Binding
 from .policy import SamplingPolicy
 from .reputation import failed_peers, record_verdict
@@ -270,12 +271,13 @@ class VerifyManager:
         model = (self.mesh.state.peers().get(peer, {}).get("serving") or {}).get("model")
         try:
             reply = await self.mesh.call(peer, "shard.forward", Message(
-                {"model": model, "session": session, "pos": 0, "start": s.start, "end": s.end}, {"x": inputs}),
+                {"model": model, "start": s.start, "end": s.end,
+                 "items": [{"session": session, "pos": 0, "n": int(inputs.shape[0])}]}, {"x": inputs}),
                 timeout=VERIFY_TIMEOUT)
         finally:
             with contextlib.suppress(MeshError, TimeoutError):
                 await self.mesh.call(peer, "shard.drop", Message({"session": session}), timeout=5)
-        y = reply.tensors["y"]
+        y = forward_one(reply)
         if y.dim() != 2 or y.shape[0] != inputs.shape[0]:
             raise ValueError(f"the helper returned {tuple(y.shape)} for {inputs.shape[0]} positions")
         return y.float()

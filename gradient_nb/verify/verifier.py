@@ -79,7 +79,7 @@ _PRECISION_LIMITS: dict[str, Tolerance] = {
     # overlap >= 0.75 / 0.9 on 20-token requests, >= 0.625 / 0.875 on 64-token ones (264 runs, the
     # overlap limits 0.4 / 0.8 hold both); a skipped layer gave means >= 0.15. Weight noise
     # below 10 % of each matrix's std is not reliably caught: 1 % in 1 of 54 runs, 5 % in 34 of 54
-    # (never on the logits stage), 10 % in 54 of 54. No statistic of the commitments tried (the mean
+    # (never on the logits stage), 10 % in 53-54 of 54. No statistic of the commitments tried (the mean
     # error over all committed entries, the top-k mismatch fraction) separates 1 % from honest int8
     # variation: the honest level differs between stages by more than the noise moves it.
     "int8": Tolerance(max_err=0.75, mean_err=0.1, min_overlap=0.4, mean_overlap=0.8),
@@ -94,11 +94,16 @@ _PRECISION_LIMITS: dict[str, Tolerance] = {
     # through); the max limit has 2x.
     "float16": Tolerance(max_err=0.03, mean_err=0.0035, min_overlap=0.6, mean_overlap=0.9),
     # bfloat16 (8-bit mantissa: decode with a KV cache vs one prefill drifts by a few %): honest
-    # max <= 0.042, mean <= 0.0134, overlap >= 0.625 / 0.925 (nf4 computing in bfloat16, which gets
-    # these limits: max <= 0.035, mean <= 0.012, overlap >= 0.75 / 0.95). Limits 2x, overlap as int8.
+    # max <= 0.042, mean <= 0.0134, overlap >= 0.625 / 0.925 on one CPU; on a Xeon with AMX-BF16
+    # (oneDNN's tile kernels, whose sums depend on the batch) max <= 0.082 over the calibration and
+    # 0.13 for one request of a batch of 6 (tests/verify/test_precision_tolerances.py), mean <= 0.021.
+    # The max limit is 2x that. A limit of 0.085 failed that honest peer and caught 3 more of the 216
+    # weight-noise runs (1 %: 16 -> 18 of 54): a false alarm on every AMX peer costs more. The mean
+    # limit keeps 1.3x over the AMX worst, since 2-3 % weight noise sits just above it.
+    # (nf4 computing in bfloat16 gets these limits: max <= 0.035, mean <= 0.012, overlap >= 0.75 / 0.95.)
     # Caught: nf4 served instead (means >= 0.046); int8 served instead and 2-3 % weight noise only on
-    # hidden-state stages (the logits stage stays inside), 1 % noise in 17 of 54 runs (see the README).
-    "bfloat16": Tolerance(max_err=0.085, mean_err=0.027, min_overlap=0.4, mean_overlap=0.8),
+    # hidden-state stages (the logits stage stays inside), 1 % noise in 16-17 of 54 runs (see the README).
+    "bfloat16": Tolerance(max_err=0.26, mean_err=0.027, min_overlap=0.4, mean_overlap=0.8),
 }
 
 

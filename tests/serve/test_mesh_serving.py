@@ -11,7 +11,10 @@ import signal
 
 import pytest
 import pytest_asyncio
+import torch
 
+from gradient_nb.mesh.errors import RemoteError
+from gradient_nb.mesh.frames import Message
 from gradient_nb.models import load_full_model, load_tokenizer, resolve_model
 from gradient_nb.serve.cluster import start_local_cluster
 from gradient_nb.serve.coordinator import allocation_of
@@ -85,9 +88,103 @@ async def test_even_split_matches_one_process(even_split, reference) -> None:
 
 
 async def test_concurrent_requests_match_solo_runs(even_split, reference) -> None:
-    results = await asyncio.gather(*(_generate(even_split.engine, ids) for ids in reference["ids"]))
+    engine = even_split.engine
+    engine.batch_sizes.clear()
+    results = await asyncio.gather(*(_generate(engine, ids) for ids in reference["ids"]))
     for got, want, prompt in zip(results, reference["tokens"], PROMPTS, strict=True):
         assert got == want, f"batched answer differs for {prompt[:40]!r}"
+    # They travelled together: one call per stage carried several requests' steps (8 at most).
+    assert max(engine.batch_sizes) >= 4, list(engine.batch_sizes)
+    assert len(engine.batch_sizes) < len(PROMPTS) * NEW_TOKENS / 2, len(engine.batch_sizes)
+
+
+async def test_seeded_sampling_is_drawn_by_the_last_stage_like_one_process(even_split, reference) -> None:
+    """The last stage draws sampled tokens from the per-step seed: the same tokens as one process
+    sampling the same logits with the same seed, and again on a second run."""
+    from gradient_nb.serve.sampling import Sampler, sample_with
+
+    ids = reference["ids"][0]
+    params = SamplingParams(temperature=1.3, top_p=0.9, max_tokens=12, seed=11)
+    got = [t async for t in even_split.engine.generate(ids, params)]
+    again = [t async for t in even_split.engine.generate(ids, params)]
+    assert got == again and got
+
+    def one_process() -> list[int]:
+        model = load_full_model(resolve_model())
+        sampler, seq, want = Sampler(params), list(ids), []
+        with torch.inference_mode():
+            for _ in got:
+                token = sample_with(model(torch.tensor([seq])).logits[0, -1], sampler.spec(len(want)))
+                want.append(token)
+                seq.append(token)
+        return want
+
+    assert got == await asyncio.to_thread(one_process)
+
+
+async def test_malformed_forward_calls_get_errors_and_the_peer_keeps_serving(even_split, reference) -> None:
+    engine, mesh = even_split.engine, even_split.engine.mesh
+    first, _, last = engine.current_route()
+    head = {"model": engine.model_name, "start": 0, "end": 10}
+
+    async def forward(stage, header, x):
+        return await mesh.call(stage.peer_id, "shard.forward", Message(header, {"x": x}), timeout=30)
+
+    ids = torch.tensor(reference["ids"][3])
+    for items in (None, [], "x", [{"session": "a", "pos": -1, "n": len(ids)}], [{"session": "a", "pos": 0}],
+                  [{"session": "a", "pos": 0, "n": 2}, {"session": "a", "pos": 2, "n": len(ids) - 2}],
+                  [{"session": "a", "pos": 0, "n": len(ids) + 1}]):
+        with pytest.raises(RemoteError) as err:
+            await forward(first, {**head, "items": items}, ids)
+        assert err.value.code == "BadForward"
+    with pytest.raises(RemoteError, match="only the last stage samples"):
+        await forward(first, {**head, "items": [{"session": "a", "pos": 0, "n": len(ids),
+                                                 "sample": {"temperature": 0.0}}]}, ids)
+    hidden = torch.zeros(1, engine.info.hidden_size)
+    for spec in ({"temperature": 5.0, "top_p": 1.0, "seed": 1, "step": 0}, {"temperature": 0.0},
+                 {"temperature": 0.5, "top_p": 0.0, "seed": 1, "step": 0}, "greedy",
+                 {"temperature": 0.5, "top_p": 1.0, "seed": -1, "step": 0}):
+        with pytest.raises(RemoteError, match="bad sampling spec"):
+            await forward(last, {"model": engine.model_name, "start": last.start, "end": last.end,
+                                 "items": [{"session": "b", "pos": 0, "n": 1, "sample": spec}]}, hidden)
+    # One request's own problem fails its item only; the other item of the call is served.
+    reply = await forward(first, {**head, "items": [{"session": "c", "pos": 0, "n": len(ids)},
+                                                    {"session": "d", "pos": 7, "n": 1}]},
+                          torch.cat([ids, ids[:1]]))
+    answers = reply.header["items"]
+    assert "error" not in answers[0] and answers[1]["error"] == "PositionMismatch"
+    assert reply.tensors["y"].shape == (len(ids), engine.info.hidden_size)
+    for session in ("a", "b", "c", "d"):
+        for stage in (first, last):
+            await mesh.call(stage.peer_id, "shard.drop", Message({"session": session}), timeout=10)
+    assert await _generate(engine, reference["ids"][0]) == reference["tokens"][0]
+
+
+async def test_closing_an_engine_ends_its_requests_and_its_tasks(even_split, reference) -> None:
+    from gradient_nb.serve.pipeline import EngineClosed, MeshEngine
+
+    engine = await asyncio.to_thread(MeshEngine, even_split.mesh)
+    got: list[int] = []
+    generating = asyncio.Event()
+
+    async def run() -> None:
+        async for token in engine.generate(reference["ids"][1], SamplingParams(temperature=0.0, max_tokens=500)):
+            got.append(token)
+            if len(got) >= 6:
+                generating.set()
+
+    tasks = [asyncio.ensure_future(run()) for _ in range(3)]
+    await asyncio.wait_for(generating.wait(), 120)
+    batchers = [b.task for b in engine._batchers.values()]
+    await asyncio.wait_for(engine.aclose(), 30)
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+    assert all(isinstance(r, EngineClosed) for r in results), results
+    assert batchers and all(t.done() for t in batchers)
+    assert not engine._batchers and not engine._background
+    with pytest.raises(EngineClosed):
+        await _generate(engine, reference["ids"][1])
+    # The peers still serve the cluster's own engine.
+    assert await _generate(even_split.engine, reference["ids"][2]) == reference["tokens"][2]
 
 
 async def test_openai_client_through_the_mesh(even_split) -> None:

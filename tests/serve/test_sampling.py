@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradient_nb.models import load_tokenizer, resolve_model
-from gradient_nb.serve.sampling import Sampler, SamplingParams, StopDetector
+from gradient_nb.serve.sampling import Sampler, SamplingParams, StopDetector, parse_spec, sample_with
 
 
 def test_greedy_is_argmax() -> None:
@@ -94,3 +94,27 @@ def test_multibyte_characters_are_never_split(tok) -> None:
     assert all("\ufffd" not in p for p in pieces)
     pieces, _ = stream(tok, text, ["東京"])
     assert "".join(pieces) == "Zürich "
+
+
+def test_a_spec_draws_what_the_sampler_draws() -> None:
+    """The peer holding the head draws from ``spec``: the same tokens as the entry's own sampler."""
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=5)
+    here = Sampler(params)
+    specs = Sampler(params)
+    assert [here.next_token(logits) for _ in range(30)] == [sample_with(logits, specs.spec(i)) for i in range(30)]
+    assert specs.spec(3) == parse_spec(specs.spec(3))
+
+
+@pytest.mark.parametrize("spec", [
+    None, "greedy", {}, {"temperature": 0.0},
+    {"temperature": 2.5, "top_p": 1.0, "seed": 1, "step": 0},
+    {"temperature": True, "top_p": 1.0, "seed": 1, "step": 0},
+    {"temperature": 1.0, "top_p": 0.0, "seed": 1, "step": 0},
+    {"temperature": 1.0, "top_p": 1.0, "seed": -1, "step": 0},
+    {"temperature": 1.0, "top_p": 1.0, "seed": 1 << 63, "step": 0},
+    {"temperature": 1.0, "top_p": 1.0, "seed": 1, "step": 1.5},
+])
+def test_bad_specs_from_the_network_are_refused(spec) -> None:
+    with pytest.raises(ValueError):
+        parse_spec(spec)

@@ -149,9 +149,9 @@ async def test_a_peer_with_the_same_layers_recomputes_as_ordinary_work():
             calls = [(0, hidden[:6])] + [(p, hidden[p:p + 1]) for p in range(6, hidden.shape[0])]
             for pos, x in calls:
                 reply = await mesh.call(peer, "shard.forward", Message(
-                    {"model": info.name, "session": session, "pos": pos, "start": 10, "end": 20}, {"x": x}),
-                    timeout=60)
-                manager.on_call(audit, peer, 10, 20, session, pos, x, reply.header)
+                    {"model": info.name, "start": 10, "end": 20,
+                     "items": [{"session": session, "pos": pos, "n": x.shape[0]}]}, {"x": x}), timeout=60)
+                manager.on_call(audit, peer, 10, 20, session, pos, x, reply.header["items"][0])
             reply = await mesh.call(peer, "shard.drop", Message({"session": session}), timeout=10)
             manager.on_drop(audit, peer, 10, 20, session, reply.header)
             return audit

@@ -51,7 +51,9 @@ class RequestObserver(Protocol):
 
     def on_call(self, record: Any, peer: str, start: int, end: int, session: str, pos: int,
                 x: torch.Tensor, header: dict[str, Any]) -> None:
-        """A stage answered: ``x`` was its input from position ``pos``, ``header`` its reply header."""
+        """A stage answered: ``x`` was its input from position ``pos``, ``header`` its reply for this
+        request; on the last stage it also holds the ``token`` drawn and the ``sample`` spec it was
+        drawn with."""
         ...
 
     def on_drop(self, record: Any, peer: str, start: int, end: int, session: str,

@@ -181,9 +181,10 @@ class MeshEngine:
                 if "error" in a:
                     p.fail(remote_error(str(a["error"]), str(a.get("message", ""))))
                     continue
+                seen = {**a, "sample": p.sample} if last else a  # what the last stage was asked to draw
                 for obs in self.observers:
                     obs.on_call(p.trace.observed[obs.name], stage.peer_id, stage.start, stage.end, p.session,
-                                p.pos, inputs[id(p)], a)
+                                p.pos, inputs[id(p)], seen)
                 if last:
                     p.done(int(a["token"]))
                 else:

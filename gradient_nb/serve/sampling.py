@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,22 +77,34 @@ def parse_spec(spec: Any) -> dict[str, Any]:
     return {"temperature": float(t), "top_p": float(p), "seed": seed, "step": step}
 
 
-def sample_with(logits: torch.Tensor, spec: dict[str, Any]) -> int:
-    """Draw one token from last-position logits as ``spec`` (``Sampler.spec``) says."""
+def draw_scores(logits: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
+    """Per token, the score whose argmax is the token ``spec`` draws from ``logits`` [vocab].
+
+    Greedy: the logits. Sampling: the Gumbel-max trick, log-probabilities at the temperature plus
+    Gumbel noise from the (seed, step) generator, -inf outside the top_p nucleus. The argmax of that
+    is an exact draw from the distribution, and unlike ``torch.multinomial`` the rule is ours: a
+    verifier recomputing the logits can tell a draw an honest peer could have made (its score within
+    the precision's noise of the best) from a token the peer chose.
+    """
     logits = logits.detach().reshape(-1).to("cpu", torch.float32)
     if spec["temperature"] == 0.0:
-        return int(torch.argmax(logits))
+        return logits
+    logp = torch.log_softmax(logits / spec["temperature"], dim=-1)
+    if spec["top_p"] < 1.0:
+        sorted_p, order = torch.sort(logp.exp(), descending=True)
+        # keep a token when the mass before it is still below top_p (the top token is always kept)
+        drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= spec["top_p"]
+        logp = logp.clone()
+        logp[order[drop]] = -math.inf
     digest = hashlib.blake2b(f"{spec['seed']}:{spec['step']}".encode(), digest_size=8).digest()
     generator = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & MAX_SEED)
-    probs = torch.softmax(logits / spec["temperature"], dim=-1)
-    if spec["top_p"] < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # keep a token when the mass before it is still below top_p (the top token is always kept)
-        keep = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) < spec["top_p"]
-        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    u = torch.rand(logp.shape, generator=generator).clamp_(1e-12, 1.0 - 1e-7)
+    return logp - torch.log(-torch.log(u))
+
+
+def sample_with(logits: torch.Tensor, spec: dict[str, Any]) -> int:
+    """Draw one token from last-position logits as ``spec`` (``Sampler.spec``) says."""
+    return int(torch.argmax(draw_scores(logits, spec)))
 
 
 class StopDetector:

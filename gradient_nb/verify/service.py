@@ -9,7 +9,9 @@ prefill of one more request), or, where no such peer exists or for the last stag
 reply is the last position's logits only), on a copy of the layers this peer loads itself.
 
 Because the recomputation starts from the very inputs the verified shard got, a verdict blames only
-that shard: an upstream shard that cheated does not make an honest downstream one fail.
+that shard: an upstream shard that cheated does not make an honest downstream one fail. On the last
+stage, which draws the tokens itself, each returned token is also checked against the recomputed
+logits and the sampling spec the entry sent (``verifier.check_draws``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ..serve.node import forward_one
 from .commitments import Binding
 from .policy import SamplingPolicy
 from .reputation import failed_peers, record_verdict
-from .verifier import Tolerance, Verdict, recompute, verify_commitments
+from .verifier import Tolerance, Verdict, check_draws, recompute, verify_commitments
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class StageAudit:
     inputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (pos, x) per call
     records: list[Any] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)  # positions whose output the shard returned
+    draws: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)  # last stage: (pos, token, spec)
     sampled: bool = False
     trimmed: bool = False  # inputs released (an older request; its sampled stages are done)
     complete: bool = False  # the session ended normally (its tail commitment was collected)
@@ -151,6 +154,9 @@ class VerifyManager:
         s.inputs.append((pos, x))
         n = x.shape[0]
         s.positions.extend([pos + n - 1] if s.is_last else range(pos, pos + n))
+        token, spec = header.get("token"), header.get("sample")
+        if s.is_last and isinstance(token, int) and isinstance(spec, dict):
+            s.draws.append((pos + n - 1, token, spec))
         self._add_records(s, header)
 
     def on_drop(self, audit: RequestAudit, peer: str, start: int, end: int, session: str,
@@ -227,6 +233,10 @@ class VerifyManager:
             ref = await asyncio.to_thread(recompute, shard, inputs)
         v = await asyncio.to_thread(verify_commitments, ref, s.records, binding, peer=s.peer, tol=tol,
                                     expected_positions=s.positions)
+        if v.ok and s.draws:
+            reason = await asyncio.to_thread(check_draws, ref, s.draws, tol)
+            if reason:
+                v.status, v.reason = "fail", f"a token it returned was not drawn from its logits: {reason}"
         if by is not None and v.status == "fail":
             # Before blaming the shard on a helper's word, recompute here: a helper that lies (to frame
             # a peer, or because it cheats on its own work) is caught instead.

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..models.loader import ShardModel
+from ..serve.sampling import draw_scores
 from .commitments import Binding, Commitment, open_all
 
 
@@ -39,12 +40,18 @@ class Tolerance:
     honest: max err <= 4.8e-4 (the float16 rounding of the committed values is the floor), mean
     <= 3.7e-4, overlap 1.0; the mildest attack measured, 1 % weight noise, gave chunk means >= 4.5e-3
     and maxima >= 8.8e-3. Other precisions get their own limits (_PRECISION_LIMITS).
+
+    ``logit_err`` bounds how far a peer's last-position logits may stand from the recomputed ones,
+    relative to the row's largest |logit| (the slack of ``check_draws``). Measured over 504 draws per
+    precision (batches of 8, 24-token requests, served vs one prefill): float32 <= 1.0e-6, float16
+    <= 3.9e-3, bfloat16 <= 0.024, nf4 <= 0.010, int8 <= 0.089; the limits are ~2x (float32: 100x).
     """
 
     max_err: float = 0.004
     mean_err: float = 0.002
     min_overlap: float = 0.6
     mean_overlap: float = 0.9
+    logit_err: float = 1e-4
 
     @classmethod
     def for_precision(cls, dtype: str = "float32", quantization: str | None = None) -> Tolerance:
@@ -62,7 +69,8 @@ class Tolerance:
         return cls(max_err=max(by_dtype.max_err, by_quant.max_err),
                    mean_err=max(by_dtype.mean_err, by_quant.mean_err),
                    min_overlap=min(by_dtype.min_overlap, by_quant.min_overlap),
-                   mean_overlap=min(by_dtype.mean_overlap, by_quant.mean_overlap))
+                   mean_overlap=min(by_dtype.mean_overlap, by_quant.mean_overlap),
+                   logit_err=max(by_dtype.logit_err, by_quant.logit_err))
 
 
 # Per-precision limits, each set with a safety margin over the honest maxima measured on the bundled
@@ -82,17 +90,17 @@ _PRECISION_LIMITS: dict[str, Tolerance] = {
     # (never on the logits stage), 10 % in 53-54 of 54. No statistic of the commitments tried (the mean
     # error over all committed entries, the top-k mismatch fraction) separates 1 % from honest int8
     # variation: the honest level differs between stages by more than the noise moves it.
-    "int8": Tolerance(max_err=0.75, mean_err=0.1, min_overlap=0.4, mean_overlap=0.8),
+    "int8": Tolerance(max_err=0.75, mean_err=0.1, min_overlap=0.4, mean_overlap=0.8, logit_err=0.2),
     # nf4 computing in float32 (bitsandbytes on CPU dequantizes, then a float32 matmul; quantization is
     # deterministic, so two peers hold identical weights): honest max <= 0.018, mean <= 0.0038,
     # overlap >= 0.875 / 0.975. Limits ~2.2x / 2.6x that; 1 % weight noise (applied before quantizing)
     # gives means >= 0.027, maxima >= 0.047: all caught. Nothing lower than nf4 can be served instead.
-    "nf4": Tolerance(max_err=0.04, mean_err=0.01, min_overlap=0.6, mean_overlap=0.9),
+    "nf4": Tolerance(max_err=0.04, mean_err=0.01, min_overlap=0.6, mean_overlap=0.9, logit_err=0.025),
     # float16 (usable on CPU, ~2-3x slower than bfloat16 there): honest max <= 0.015, mean <= 0.0023,
     # overlap >= 0.875 / 0.977. The mean limit has only a 1.5x margin because the attacks sit close:
     # 1 % weight noise gives means >= 0.0042, bfloat16 served as float16 >= 0.0040 (2x would let some
     # through); the max limit has 2x.
-    "float16": Tolerance(max_err=0.03, mean_err=0.0035, min_overlap=0.6, mean_overlap=0.9),
+    "float16": Tolerance(max_err=0.03, mean_err=0.0035, min_overlap=0.6, mean_overlap=0.9, logit_err=0.01),
     # bfloat16 (8-bit mantissa: decode with a KV cache vs one prefill drifts by a few %): honest
     # max <= 0.042, mean <= 0.0134, overlap >= 0.625 / 0.925 on one CPU; on a Xeon with AMX-BF16
     # (oneDNN's tile kernels, whose sums depend on the batch) max <= 0.082 over the calibration and
@@ -103,7 +111,7 @@ _PRECISION_LIMITS: dict[str, Tolerance] = {
     # (nf4 computing in bfloat16 gets these limits: max <= 0.035, mean <= 0.012, overlap >= 0.75 / 0.95.)
     # Caught: nf4 served instead (means >= 0.046); int8 served instead and 2-3 % weight noise only on
     # hidden-state stages (the logits stage stays inside), 1 % noise in 16-17 of 54 runs (see the README).
-    "bfloat16": Tolerance(max_err=0.26, mean_err=0.027, min_overlap=0.4, mean_overlap=0.8),
+    "bfloat16": Tolerance(max_err=0.26, mean_err=0.027, min_overlap=0.4, mean_overlap=0.8, logit_err=0.05),
 }
 
 
@@ -249,6 +257,39 @@ def verify_commitments(reference: torch.Tensor, records: Sequence[Any], binding:
         v.status, v.reason = "fail", reason
     v.verify_s = time.perf_counter() - t0
     return v
+
+
+def check_draws(logits: torch.Tensor, draws: Sequence[tuple[int, int, dict[str, Any]]], tol: Tolerance) -> str:
+    """Why a token the last stage drew could not come from an honest peer's logits, or "" if all could.
+
+    ``logits`` [T, vocab] are the recomputed ones; each draw is (position, token, the sampling spec the
+    entry sent). The last stage draws each token itself, so commitments alone would not show a peer
+    that computes honestly but returns tokens of its choosing. An honest peer's logits differ from the
+    recomputed ones by up to ``slack`` (``Tolerance.logit_err``): a greedy token must be within
+    ``slack`` of the best logit, and a sampled token's Gumbel score (``draw_scores``) within twice
+    that (divided by the temperature) of the best score among the tokens surely in the nucleus.
+    """
+    for pos, token, spec in draws:
+        if not (0 <= pos < logits.shape[0] and 0 <= token < logits.shape[1]):
+            return f"the token drawn at position {pos} is out of range"
+        row = logits[pos].float()
+        slack = tol.logit_err * float(row.abs().max())
+        if spec["temperature"] == 0.0:
+            if float(row[token]) < float(row.max()) - slack:
+                return (f"position {pos}: greedy token {token} has logit {float(row[token]):.3f}, "
+                        f"the best {float(row.max()):.3f} (slack {slack:.3g})")
+            continue
+        nucleus = torch.isfinite(draw_scores(row, spec))
+        if float(row[token]) < float(row[nucleus].min()) - slack:
+            return f"position {pos}: token {token} is outside the top_p nucleus"
+        scores = draw_scores(row, {**spec, "top_p": 1.0})
+        sure = nucleus & (row >= float(row[nucleus].min()) + slack)
+        sure[int(row.argmax())] = True  # the top token is always in the nucleus
+        best = float(scores[sure].max())
+        if float(scores[token]) < best - 2 * slack / spec["temperature"]:
+            return (f"position {pos}: token {token} is not the draw of seed {spec['seed']} step "
+                    f"{spec['step']} (score {float(scores[token]):.3f}, the draw's {best:.3f})")
+    return ""
 
 
 def verify_stage(shard: ShardModel, inputs: torch.Tensor, records: Sequence[Any], binding: Binding, *,

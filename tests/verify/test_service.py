@@ -65,3 +65,15 @@ def test_sampling_marks_whole_layer_ranges():
     a = m.begin([(0, 10), (10, 30)])
     assert a.sampled == {(0, 10), (10, 30)}
     assert _manager(rate=0.0).begin([(0, 10)]).sampled == set()
+
+
+def test_the_last_stage_draws_are_recorded_with_their_specs():
+    m = _manager()
+    a = m.begin([(0, 10), (10, 30)])
+    spec = {"temperature": 0.7, "top_p": 0.9, "seed": 5, "step": 0}
+    m.on_call(a, "p" * 40, 0, 10, "s", 0, torch.arange(4), {"token": 3, "sample": spec})  # not the last stage
+    m.on_call(a, "q" * 40, 10, 30, "s", 0, torch.zeros(4, 8), {"token": 7, "sample": spec})
+    m.on_call(a, "q" * 40, 10, 30, "s", 4, torch.ones(1, 8), {"token": 9, "sample": {**spec, "step": 1}})
+    m.on_call(a, "q" * 40, 10, 30, "s", 5, torch.ones(1, 8), {"token": "junk", "sample": spec})
+    assert a.stages["s", "p" * 40, 0, 10].draws == []
+    assert a.stages["s", "q" * 40, 10, 30].draws == [(3, 7, spec), (4, 9, {**spec, "step": 1})]

@@ -77,6 +77,19 @@ def parse_spec(spec: Any) -> dict[str, Any]:
     return {"temperature": float(t), "top_p": float(p), "seed": seed, "step": step}
 
 
+def nucleus(logits: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
+    """The tokens [vocab] a sampled draw may pick: the smallest set of the most likely ones whose
+    probability at the temperature reaches top_p (the top token is always in it)."""
+    logits = logits.detach().reshape(-1).to("cpu", torch.float32)
+    if spec["top_p"] >= 1.0:
+        return torch.ones_like(logits, dtype=torch.bool)
+    sorted_p, order = torch.sort(torch.softmax(logits / spec["temperature"], dim=-1), descending=True)
+    # keep a token when the mass before it is still below top_p
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    keep[order] = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < spec["top_p"]
+    return keep
+
+
 def draw_scores(logits: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
     """Per token, the score whose argmax is the token ``spec`` draws from ``logits`` [vocab].
 
@@ -91,11 +104,7 @@ def draw_scores(logits: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
         return logits
     logp = torch.log_softmax(logits / spec["temperature"], dim=-1)
     if spec["top_p"] < 1.0:
-        sorted_p, order = torch.sort(logp.exp(), descending=True)
-        # keep a token when the mass before it is still below top_p (the top token is always kept)
-        drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= spec["top_p"]
-        logp = logp.clone()
-        logp[order[drop]] = -math.inf
+        logp = logp.masked_fill(~nucleus(logits, spec), -math.inf)
     digest = hashlib.blake2b(f"{spec['seed']}:{spec['step']}".encode(), digest_size=8).digest()
     generator = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & MAX_SEED)
     u = torch.rand(logp.shape, generator=generator).clamp_(1e-12, 1.0 - 1e-7)

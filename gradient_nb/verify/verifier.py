@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..models.loader import ShardModel
-from ..serve.sampling import draw_scores
+from ..serve.sampling import draw_scores, nucleus
 from .commitments import Binding, Commitment, open_all
 
 
@@ -279,11 +279,11 @@ def check_draws(logits: torch.Tensor, draws: Sequence[tuple[int, int, dict[str, 
                 return (f"position {pos}: greedy token {token} has logit {float(row[token]):.3f}, "
                         f"the best {float(row.max()):.3f} (slack {slack:.3g})")
             continue
-        nucleus = torch.isfinite(draw_scores(row, spec))
-        if float(row[token]) < float(row[nucleus].min()) - slack:
+        kept = nucleus(row, spec)
+        if float(row[token]) < float(row[kept].min()) - slack:
             return f"position {pos}: token {token} is outside the top_p nucleus"
         scores = draw_scores(row, {**spec, "top_p": 1.0})
-        sure = nucleus & (row >= float(row[nucleus].min()) + slack)
+        sure = kept & (row >= float(row[kept].min()) + slack)
         sure[int(row.argmax())] = True  # the top token is always in the nucleus
         best = float(scores[sure].max())
         if float(scores[token]) < best - 2 * slack / spec["temperature"]:

@@ -26,7 +26,7 @@ from ..models import load_shard, model_info, resolve_model
 from .coordinator import Coordinator, allocation_of, model_cost, serving_peers
 from .observers import ShardObserver
 from .sampling import parse_spec, sample_with
-from .shard import ShardError, ShardRuntime
+from .shard import RuntimeClosed, ShardError, ShardRuntime
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,8 @@ class ServingPeer:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
+        if self.runtime is not None:
+            await self.runtime.aclose()
         self.runtime = None
 
     def _announce(self) -> None:
@@ -196,9 +198,11 @@ class ServingPeer:
                                         quantization=self.quantization, device=self.device)
         for obs in self.observers:
             shard = obs.on_load(shard)
-        self.runtime = ShardRuntime(shard)
+        old, self.runtime = self.runtime, ShardRuntime(shard)
         self.layers = (start, end)
         self.loads += 1
+        if old is not None:  # its requests fail with RuntimeClosed, which the entry answers by re-routing
+            await old.aclose()
 
     async def _forward(self, msg: Message, ctx: CallContext) -> Message:
         """Run this peer's layers on a batch of requests' new tokens (the entry coalesces concurrent
@@ -245,6 +249,14 @@ class ServingPeer:
         self._latency_ms = 0.8 * self._latency_ms + 0.2 * 1000 * (time.perf_counter() - started)
         # Picked up by the next heartbeat: per-call publishing would flood the mesh with updates.
         self.mesh.extra_record["serving_stats"] = self._stats()
+        # Sampling and commitments are torch work too: on the model thread (see shard.py's module doc).
+        replies, rows = await rt.run(self._replies, keys, items, outs, entry, end, rt.is_last)
+        # The entry subtracts compute_ms from the call's wall time to learn the per-hop overhead (routing).
+        header = {"layers": [entry, end], "compute_ms": 1000 * (time.perf_counter() - started), "items": replies}
+        return Message(header, {"y": torch.cat(rows)} if rows else {})
+
+    def _replies(self, keys: list[str], items: list[dict[str, Any]], outs: list[Any], entry: int, end: int,
+                 is_last: bool) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
         replies: list[dict[str, Any]] = []
         rows: list[torch.Tensor] = []
         for key, it, out in zip(keys, items, outs, strict=True):
@@ -253,24 +265,35 @@ class ServingPeer:
                 continue
             reply: dict[str, Any] = {}
             for obs in self.observers:
-                reply.update(obs.on_forward(key, entry, end, it["pos"], it["n"], out, rt.is_last))
-            if rt.is_last and it["sample"] is not None:
+                reply.update(obs.on_forward(key, entry, end, it["pos"], it["n"], out, is_last))
+            if is_last and it["sample"] is not None:
                 reply["token"] = sample_with(out.reshape(-1)[: self.info.vocab_size], it["sample"])
             else:
-                rows.append(out.reshape(1, -1) if rt.is_last else out)
+                rows.append(out.reshape(1, -1) if is_last else out)
             replies.append(reply)
-        # The entry subtracts compute_ms from the call's wall time to learn the per-hop overhead (routing).
-        header = {"layers": [entry, end], "compute_ms": 1000 * (time.perf_counter() - started), "items": replies}
-        return Message(header, {"y": torch.cat(rows)} if rows else {})
+        return replies, rows
 
     async def _drop(self, msg: Message, ctx: CallContext) -> Message:
         session = msg.header.get("session")
         header: dict[str, Any] = {"ok": True}
-        if self.runtime is not None and isinstance(session, str):
-            self.runtime.drop(f"{ctx.peer_id}/{session}")
-        if isinstance(session, str):
+        if not isinstance(session, str):
+            return Message(header)
+        key = f"{ctx.peer_id}/{session}"
+        rt = self.runtime
+        if rt is not None:
+            rt.drop(key)
+
+        def flush() -> None:
             for obs in self.observers:
-                header.update(obs.on_drop(f"{ctx.peer_id}/{session}"))
+                header.update(obs.on_drop(key))
+
+        if rt is None:
+            flush()
+            return Message(header)
+        try:  # after the session's last forward's commitments, which are made on the model thread
+            await rt.run(flush)
+        except RuntimeClosed:
+            flush()
         return Message(header)
 
     def _stats(self) -> dict[str, Any]:

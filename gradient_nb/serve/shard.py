@@ -22,8 +22,11 @@ A session alone in a step whose mask would be plain causal (a fresh prefill, or 
 runs without a mask, exactly as transformers' ``generate`` does, so a one-session pipeline gives
 the same floats as the plain model, not merely the same tokens.
 
-The model work runs in a worker thread (``asyncio.to_thread``; torch releases the GIL), so the event
-loop stays responsive while a step computes.
+The model work runs in the runtime's own single worker thread (torch releases the GIL), so the event
+loop stays responsive while a step computes. One thread, always the same one: torch's CPU kernels
+parallelise through an OpenMP team that belongs to the calling thread, so a shared pool would grow a
+team per pool thread that happened to run a step. A serving peer's other torch work (sampling,
+commitments) goes through ``run`` too, keeping the event loop's thread for the network.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,6 +47,7 @@ from ..models.loader import DEFAULT_MODEL, ShardModel, load_shard, load_tokenize
 from .sampling import Sampler, SamplingParams, StopDetector
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _KV_BLOCK = 128  # tokens of KV capacity added at a time: bounds waste and the copies on growth
 _MAX_EVICTED_REMEMBERED = 65536
@@ -152,6 +157,7 @@ class ShardRuntime:
         self._running: set[str] = set()  # sessions inside the step now computing
         self._pending_drops: set[str] = set()
         self._closed = False
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-model")
         self.steps = 0
         self.batched_tokens = 0
 
@@ -228,8 +234,14 @@ class ShardRuntime:
         """Bytes of KV buffers held (allocated capacity, which is what memory pays for)."""
         return sum(s.nbytes() for s in self._sessions.values())
 
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the model thread, after the work queued there (see the module doc)."""
+        if self._closed:
+            raise RuntimeClosed("the shard runtime is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+
     async def aclose(self) -> None:
-        """Stop the batcher; pending calls fail with RuntimeClosed."""
+        """Stop the batcher and the model thread; pending calls fail with RuntimeClosed."""
         self._closed = True
         if self._task is not None:
             self._task.cancel()
@@ -237,6 +249,7 @@ class ShardRuntime:
                 await self._task
             self._task = None
         self._fail_pending(RuntimeClosed("the shard runtime was closed"))
+        self._model_thread.shutdown(wait=False)  # what is queued there still runs, then the thread ends
 
     # ------------------------------------------------------------------------------ batcher
 
@@ -267,7 +280,8 @@ class ShardRuntime:
                     continue
                 self._running = {it.session.id for it in items}
                 try:
-                    results = await asyncio.to_thread(self._step, items)
+                    results = await asyncio.get_running_loop().run_in_executor(
+                        self._model_thread, self._step, items)
                 except Exception as exc:  # a failed pass fails its requests, not the runtime
                     log.exception("shard step failed")
                     for it in items:

@@ -223,6 +223,33 @@ async def test_cancelled_caller_does_not_break_the_runtime(tmp_path: Path) -> No
     await rt.aclose()
 
 
+
+async def test_model_work_runs_on_one_thread_of_its_own(tmp_path: Path) -> None:
+    """Every step and every ``run`` of a runtime use the same thread, not the event loop's and not a
+    pool's; a closed runtime refuses work and its thread ends."""
+    import threading
+
+    path = tiny_model(tmp_path)
+    rt = ShardRuntime(load_shard(path, 0, 4))
+    seen: set[int] = set()
+    real_step = rt._step
+
+    def step(items: list) -> list:
+        seen.add(threading.get_ident())
+        return real_step(items)
+
+    rt._step = step  # type: ignore[method-assign]
+    await asyncio.gather(*(rt.forward(f"s{i}", range(4), torch.arange(4)) for i in range(3)))
+    await rt.forward("s0", [4], torch.tensor([1]))
+    seen.add(await rt.run(threading.get_ident))
+    assert len(seen) == 1 and threading.get_ident() not in seen
+    (model_thread,) = (t for t in threading.enumerate() if t.ident in seen)
+    await rt.aclose()
+    with pytest.raises(RuntimeClosed):
+        await rt.run(threading.get_ident)
+    model_thread.join(5)
+    assert not model_thread.is_alive()
+
 # -------------------------------------------------------------------------------- real model
 
 QUESTIONS = [

@@ -280,8 +280,7 @@ class ShardRuntime:
                     continue
                 self._running = {it.session.id for it in items}
                 try:
-                    results = await asyncio.get_running_loop().run_in_executor(
-                        self._model_thread, self._step, items)
+                    results = await self.run(self._step, items)
                 except Exception as exc:  # a failed pass fails its requests, not the runtime
                     log.exception("shard step failed")
                     for it in items:

@@ -442,6 +442,9 @@ class NotebookSession:
     async def ready(self, serving_peers: int = 1, timeout: float = SERVE_TIMEOUT) -> None:
         """Wait until at least ``serving_peers`` peers serve the model and a route covers all its layers."""
         await self.wait_engine(timeout, serving_peers)
+        if self.serving_monitor is not None:  # the dashboard shows the route when this returns, not up to 1 s later
+            with contextlib.suppress(Exception):  # a display glitch; the refresh loop logs those
+                self.serving_monitor.refresh()
 
     async def ask(self, prompt: str | list[dict[str, str]], *, max_tokens: int = 128, temperature: float = 0.0,
                   top_p: float = 1.0, seed: int | None = None,

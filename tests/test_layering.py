@@ -14,7 +14,8 @@ BELOW = {
     "models": set(),
     "serve": {"mesh", "models"},
     "verify": {"mesh", "models", "serve"},
-    "notebook": {"mesh", "models", "serve", "verify"},
+    "agents": {"mesh", "models", "serve", "verify"},
+    "notebook": {"mesh", "models", "serve", "verify", "agents"},
 }
 
 

@@ -14,8 +14,9 @@ BELOW = {
     "models": set(),
     "serve": {"mesh", "models"},
     "verify": {"mesh", "models", "serve"},
+    "rl": {"mesh", "models", "serve", "verify"},
     "agents": {"mesh", "models", "serve", "verify"},
-    "notebook": {"mesh", "models", "serve", "verify", "agents"},
+    "notebook": {"mesh", "models", "serve", "verify", "rl", "agents"},
 }
 
 

@@ -46,22 +46,19 @@ def __getattr__(name: str) -> Any:
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext gradient_nb``: the magics, and the comm the JupyterLab Mesh panel talks to."""
-    from .notebook import comm
+    from .notebook import autojoin
     from .notebook.magics import GradientMagics
     from .notebook.session import current
     from .notebook.verify_magic import VerifyMagics
 
     ipython.register_magics(GradientMagics)
     ipython.register_magics(VerifyMagics)
-    session = current()
-
-    async def join_cb(url: str, name: str | None) -> None:
-        await session.start_join(url or None, name=name)
-
-    comm.register(ipython, session.snapshot, join_cb, session.leave)
+    current()
+    # The panel's comm: usually registered at kernel start already (gradient_nb.notebook.autojoin).
+    autojoin.register_comm(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    from .notebook import comm
+    from .notebook import autojoin
 
-    comm.unregister(ipython)
+    autojoin.unload_ipython_extension(ipython)

@@ -79,6 +79,11 @@ async def _cmd_peer(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)  # before join: the compute probe measures what serving gets
 
     async def main(stop: asyncio.Event) -> int:
+        from .mesh.processes import ParentWatch
+
+        owner = ParentWatch.from_env()  # set when a kernel (or `gradient-nb demo`) started this peer
+        if owner is not None:
+            owner.install(stop.set)  # its owner ended: leave now
         identity = Identity.generate() if args.ephemeral else Identity.load_or_create()
         try:
             mesh = await join(args.rendezvous, mesh=args.mesh, name=args.name, secret=args.secret,
@@ -104,7 +109,8 @@ async def _cmd_peer(args: argparse.Namespace) -> int:
             await stop.wait()
         finally:
             if server is not None:
-                await server.stop()
+                # An owner that is gone took its other peers with it: no one would take the layers over.
+                await server.stop(handover_timeout=0 if owner is not None and owner.gone else 30.0)
             await mesh.leave()
         _emit({"event": "left", "peer_id": mesh.id})
         return 0
@@ -154,6 +160,9 @@ def format_peers(snapshot: dict[str, Any]) -> str:
                      _fmt_bytes(p["free_memory_bytes"]), ",".join(s for s in p["services"]
                                                                     if not s.startswith(("dht.", "mesh.", "diag.")))
                      or "-", str(len(links))))
+    if any(p.get("user") for p in snapshot["peers"]):  # kernels' users (`mesh status`)
+        rows = [(*r, "user" if i == 0 else (snapshot["peers"][i - 1].get("user") or "-")[:10])
+                for i, r in enumerate(rows)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for lk in snapshot["links"]:
@@ -165,7 +174,7 @@ def format_peers(snapshot: dict[str, Any]) -> str:
 
 async def _cmd_mesh_status(args: argparse.Namespace) -> int:
     from .mesh.errors import JoinRefused
-    from .mesh.identity import Identity
+    from .mesh.identity import Identity, user_of
     from .mesh.peer import join
 
     try:
@@ -177,6 +186,10 @@ async def _cmd_mesh_status(args: argparse.Namespace) -> int:
     try:
         await mesh.wait_synced(timeout=args.timeout)
         snap = mesh.snapshot()
+        # A kernel peer's user, from its certificate checked against the user's key (None: no valid one).
+        users = {p.id: user_of(p.id, p.extra) for p in mesh.peers()}
+        for peer in snap["peers"]:
+            peer["user"] = users.get(peer["id"])
     finally:
         await mesh.leave()
     if args.json:
@@ -292,6 +305,12 @@ async def _cmd_chat(args: argparse.Namespace) -> int:
             history.append({"role": "assistant", "content": "".join(answer)})
 
 
+async def _cmd_agent(args: argparse.Namespace) -> int:
+    from .agents.agent import run_volunteer
+
+    return await _until_signalled(lambda stop: run_volunteer(args, stop, _emit))
+
+
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -360,6 +379,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("agent", help="run a volunteer agent: host MCP tools for the mesh, publish its capabilities")
+    p.add_argument("--rendezvous", required=True, help="rendezvous URL, e.g. ws://host:8765")
+    p.add_argument("--tools", default="builtin", help="module whose `server` is an MCPServer (default: builtin: "
+                   "calculate, convert_units)")
+    p.add_argument("--mcp", action="append", default=[], metavar="NAME=COMMAND|URL",
+                   help="also host a user's stdio (command line) or streamable-HTTP (URL) MCP server")
+    p.add_argument("--skill", action="append", default=[], metavar="NAME=DESCRIPTION")
+    p.add_argument("--capacity", type=int, default=1, help="concurrent tasks (default: %(default)s)")
+    p.add_argument("--llm", help="OpenAI-compatible base URL of the model this agent answers with")
+    p.add_argument("--llm-model", default="", help="model name at --llm")
+    p.add_argument("--heartbeat", type=float, default=2.0)
+    p.add_argument("--peer-timeout", type=float, default=10.0)
+    _mesh_args(p)
+    p.set_defaults(func=_cmd_agent)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     p.add_argument("what", choices=["transport", "nat", "serve", "verify"])

@@ -8,6 +8,14 @@ A signed record is ``{"payload": dict, "key": 32 raw public key bytes, "sig": 64
 covers a domain-separation prefix plus a canonical msgpack encoding of the payload (map keys sorted at every
 level), so that the same payload always gives the same bytes on every peer and a record signature can never
 be replayed as some other kind of signature (the rendezvous hello, signaling envelopes) by the same key.
+
+Kernel identities: each Jupyter kernel is a peer of its own, with a fresh Ed25519 key that lives only in
+its memory, under the user's persistent key. The user's key signs a *kernel certificate* (a signed record
+whose payload is ``{"kind": "kernel-cert/v1", "user_key", "kernel_key", "label", "issued"}``); the kernel
+publishes it in its registry record as ``user_cert``. The chain a reader checks: the registry record is
+signed by the kernel key (the mesh state checks that), the certificate names that same key and is signed
+by the user key, so the record's peer belongs to the user ``peer_id_of(user_key)``. Two notebooks of one
+user are then two peers with two ids and two routes, both shown as the user's.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import logging
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +215,52 @@ def verify_record(record: dict[str, Any], *, expect_peer_id: str | None = None) 
     if "peer_id" in payload and payload["peer_id"] != signer:
         raise SignatureInvalid(f"record names peer {str(payload['peer_id'])[:8]} but is signed by {signer[:8]}")
     return payload
+
+
+KERNEL_CERT_KIND = "kernel-cert/v1"
+
+
+def issue_kernel_certificate(user: Identity, kernel: Identity, *, label: str = "") -> dict[str, Any]:
+    """A record, signed by ``user``, saying that ``kernel``'s key speaks for this user (see the module doc)."""
+    return sign_record(user, {"kind": KERNEL_CERT_KIND, "user_key": user.public_key,
+                              "kernel_key": kernel.public_key, "label": str(label), "issued": time.time()})
+
+
+def verify_kernel_certificate(cert: Any, peer_id: str) -> str:
+    """The user's peer id if ``cert`` is a valid kernel certificate for the peer ``peer_id``.
+
+    Raises :class:`SignatureInvalid` when it is not: bad signature, signed by another key than the user key
+    it names, or naming another kernel key than the one whose id is ``peer_id``.
+    """
+    payload = verify_record(cert)
+    if payload.get("kind") != KERNEL_CERT_KIND:
+        raise SignatureInvalid("not a kernel certificate")
+    user_key, kernel_key = payload.get("user_key"), payload.get("kernel_key")
+    if not isinstance(user_key, bytes) or not isinstance(kernel_key, bytes) or len(kernel_key) != 32:
+        raise SignatureInvalid("a kernel certificate needs user_key and kernel_key (32 bytes each)")
+    if user_key != cert["key"]:
+        raise SignatureInvalid("a kernel certificate must be signed by the user key it names")
+    if peer_id_of(kernel_key) != peer_id:
+        raise SignatureInvalid(f"the certificate is for peer {peer_id_of(kernel_key)[:8]}, not {str(peer_id)[:8]}")
+    if user_key == kernel_key:
+        raise SignatureInvalid("a kernel certificate names two different keys")
+    return peer_id_of(user_key)
+
+
+def kernel_identity(user: Identity | None = None, *, label: str = "") -> tuple[Identity, dict[str, Any]]:
+    """A fresh key for one kernel and its certificate signed by ``user`` (default: the persistent key)."""
+    user = user or Identity.load_or_create()
+    kernel = Identity.generate()
+    return kernel, issue_kernel_certificate(user, kernel, label=label)
+
+
+def user_of(peer_id: str, record: Any) -> str | None:
+    """The user behind a registry record (its ``user_cert`` checked), or None when it carries no valid one."""
+    cert = record.get("user_cert") if isinstance(record, dict) else None
+    if cert is None:
+        return None
+    try:
+        return verify_kernel_certificate(cert, peer_id)
+    except SignatureInvalid as exc:
+        log.info("peer %s carries an invalid kernel certificate: %s", str(peer_id)[:8], exc)
+        return None

@@ -13,7 +13,9 @@ Messages, kernel -> front-end::
 Front-end -> kernel::
 
     {"request": "snapshot"}
-    {"request": "join", "url": "ws://...", "name": "..." | null}
+    {"request": "join", "url": "ws://...", "name": "..." | null, "mesh": ..., "secret": ..., "stun": ...,
+     "turn": ..., "turn_username": ..., "turn_password": ...}   (options: strings, optional)
+    {"request": "join", "local": true, "name": ...}   (a new local mesh, introduced by this kernel)
     {"request": "leave"}
 
 Any request may carry an ``id``, echoed in its reply so the front-end can pair them.
@@ -34,7 +36,8 @@ __all__ = ["TARGET_NAME", "MeshCommTarget", "register", "unregister"]
 TARGET_NAME = "gradient_nb.mesh"
 
 SnapshotSource = Callable[[], "Mapping[str, Any] | Awaitable[Mapping[str, Any]]"]
-JoinCallback = Callable[[str, "str | None"], Awaitable[Any]]
+# join_cb(url, name, **options): url None is a new local mesh; options are JOIN_OPTIONS that were given.
+JoinCallback = Callable[..., Awaitable[Any]]
 LeaveCallback = Callable[[], Awaitable[Any]]
 
 _log = logging.getLogger(__name__)
@@ -68,6 +71,32 @@ def _json_safe(value: Any) -> Any:
         except (TypeError, ValueError):
             pass
     return str(value)
+
+
+# Join options the panel may send (its settings), each a string or null.
+JOIN_OPTIONS = ("mesh", "secret", "stun", "turn", "turn_username", "turn_password")
+
+
+def _join_arguments(data: Mapping[str, Any]) -> tuple[str | None, str | None, dict[str, str]]:
+    """``(url, name, options)`` of a join request; ``url`` None means a new local mesh (``"local": true``)."""
+    url, name = data.get("url"), data.get("name")
+    if data.get("local") is True:
+        if url not in (None, ""):
+            raise ValueError("a join is either local or to a rendezvous URL, not both")
+        url = None
+    elif not isinstance(url, str) or not url:
+        raise ValueError("join needs a rendezvous URL (or local: true for a new local mesh)")
+    if name is not None and not isinstance(name, str):
+        raise ValueError("name must be a string")
+    options: dict[str, str] = {}
+    for key in JOIN_OPTIONS:
+        value = data.get(key)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string")
+        options[key] = value
+    return url, name or None, options
 
 
 class _Session:
@@ -140,15 +169,12 @@ class _Session:
             if request == "snapshot":
                 await self._push(force=True)
             elif request == "join":
-                url = data.get("url")
-                name = data.get("name")
-                if not isinstance(url, str) or not url:
-                    raise ValueError("join needs a rendezvous URL")
-                if name is not None and not isinstance(name, str):
-                    raise ValueError("name must be a string")
+                url, name, options = _join_arguments(data)
                 if self._target._join_cb is None:
                     raise RuntimeError("this kernel does not offer join from the panel")
-                await asyncio.wait_for(self._target._join_cb(url, name or None), self._target._request_timeout)
+                # Options only when there are some: a two-argument callback keeps working.
+                join = self._target._join_cb(url, name, **options) if options else self._target._join_cb(url, name)
+                await asyncio.wait_for(join, self._target._request_timeout)
             elif request == "leave":
                 if self._target._leave_cb is None:
                     raise RuntimeError("this kernel does not offer leave from the panel")

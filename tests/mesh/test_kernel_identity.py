@@ -30,7 +30,7 @@ def test_two_kernels_of_one_user_are_two_peers_of_that_user() -> None:
 
 def test_a_certificate_vouches_only_for_the_kernel_it_names() -> None:
     user = Identity.generate()
-    k1, c1 = kernel_identity(user)
+    _, c1 = kernel_identity(user)
     k2, _ = kernel_identity(user)
     with pytest.raises(SignatureInvalid, match="certificate is for peer"):
         verify_kernel_certificate(c1, k2.peer_id)  # a copied certificate does not make k2 the user's

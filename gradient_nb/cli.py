@@ -388,8 +388,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also host a user's stdio (command line) or streamable-HTTP (URL) MCP server")
     p.add_argument("--skill", action="append", default=[], metavar="NAME=DESCRIPTION")
     p.add_argument("--capacity", type=int, default=1, help="concurrent tasks (default: %(default)s)")
-    p.add_argument("--llm", help="OpenAI-compatible base URL of the model this agent answers with")
-    p.add_argument("--llm-model", default="", help="model name at --llm")
     p.add_argument("--heartbeat", type=float, default=2.0)
     p.add_argument("--peer-timeout", type=float, default=10.0)
     _mesh_args(p)

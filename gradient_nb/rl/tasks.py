@@ -119,7 +119,14 @@ def register_task(name: str, factory: Callable[[], Any]) -> None:
 
 
 def get_task(spec: Any) -> Any:
-    """A task from a registered name, ``module:attr`` (an object or a factory), or a task object."""
+    """A task from a registered name, ``module:attr`` (an object or a factory), ``{"name": NAME, **kwargs}``
+    (a registered task with settings, e.g. ``{name: format, min_len: 4, max_len: 4}``), or a task object."""
+    if isinstance(spec, dict):
+        kwargs = dict(spec)
+        name = kwargs.pop("name", None)
+        if name not in _REGISTRY:
+            raise ValueError(f"unknown task {name!r}: one of {sorted(_REGISTRY)}")
+        return _REGISTRY[name](**kwargs)
     if not isinstance(spec, str):
         return spec
     if spec in _REGISTRY:

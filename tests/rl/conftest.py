@@ -12,3 +12,49 @@ from gradient_nb.testing.tinymodel import tiny_char_model
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_char_model(tmp_path_factory.mktemp("rl") / "tiny")
+
+
+class Swarm:
+    """An in-process mesh: a rendezvous, ``n`` serving peers (each a full replica of the tiny model, each
+    an RL sampler) and a trainer peer with a ``MeshEngine`` over them."""
+
+    def __init__(self, path: Path, n: int, lease_s: float) -> None:
+        self.path, self.n, self.lease_s = path, n, lease_s
+        self.samplers: list = []
+
+    async def __aenter__(self) -> Swarm:
+        from gradient_nb.mesh.identity import Identity
+        from gradient_nb.mesh.peer import join
+        from gradient_nb.mesh.rendezvous import Rendezvous
+        from gradient_nb.rl.sampler import attach_sampler
+        from gradient_nb.serve.cluster import wait_ready
+        from gradient_nb.serve.node import ServingPeer
+        from gradient_nb.serve.pipeline import MeshEngine
+
+        self.rv = await Rendezvous().start()
+        for i in range(self.n):
+            mesh = await join(self.rv.url, name=f"sampler-{i}", identity=Identity.generate(), probe_seconds=0.05,
+                              heartbeat=0.5, peer_timeout=3.0)
+            server = ServingPeer(mesh, str(self.path), layers=(0, 4))
+            service = attach_sampler(server, lease_s=self.lease_s)
+            await server.start()
+            self.samplers.append((mesh, server, service))
+        self.mesh = await join(self.rv.url, name="trainer", identity=Identity.generate(), probe_seconds=0.05,
+                               heartbeat=0.5, peer_timeout=3.0)
+        self.engine = MeshEngine(self.mesh, str(self.path))
+        await wait_ready(self.mesh, self.engine, self.n, 120)
+        return self
+
+    async def kill(self, i: int) -> None:
+        mesh, server, service = self.samplers[i]
+        await service.stop()
+        await server.stop(handover_timeout=0)
+        await mesh.leave()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.engine.aclose()
+        await self.mesh.leave()
+        for i, (mesh, _, _) in enumerate(self.samplers):
+            if not mesh._closed:
+                await self.kill(i)
+        await self.rv.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +26,7 @@ from ..mesh.rpc import CallContext
 from ..models import load_shard, model_info, resolve_model
 from .coordinator import Coordinator, allocation_of, model_cost, serving_peers
 from .observers import ShardObserver
-from .sampling import parse_spec, sample_with
+from .sampling import TokenStep, draw, parse_spec, unpack_mask
 from .shard import RuntimeClosed, ShardError, ShardRuntime
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class BadForward(ValueError):
     """A forward request this shard cannot run (wrong model or layers, bad inputs)."""
 
 
-def _parse_items(items: Any, is_last: bool) -> list[dict[str, Any]]:
+def _parse_items(items: Any, is_last: bool, vocab_size: int) -> list[dict[str, Any]]:
     """The ``items`` of a ``shard.forward`` call, checked: [{session, pos, n, sample?}, ...]."""
     if not isinstance(items, list) or not 0 < len(items) <= MAX_ITEMS_PER_CALL:
         raise BadForward(f"shard.forward needs a list of 1..{MAX_ITEMS_PER_CALL} items")
@@ -57,7 +58,7 @@ def _parse_items(items: Any, is_last: bool) -> list[dict[str, Any]]:
             if not is_last:
                 raise BadForward("only the last stage samples")
             try:
-                sample = parse_spec(sample)
+                sample = parse_spec(sample, vocab_size)
             except ValueError as exc:
                 raise BadForward(f"bad sampling spec: {exc}") from None
         seen.add(session)
@@ -79,6 +80,24 @@ def forward_items(reply: Message, n_items: int) -> list[dict[str, Any]]:
     if not isinstance(items, list) or len(items) != n_items or not all(isinstance(i, dict) for i in items):
         raise BadReply(f"the reply does not answer the call's {n_items} items")
     return items
+
+
+def token_step(answer: dict[str, Any], spec: dict[str, Any], vocab_size: int) -> TokenStep:
+    """The token the last stage drew for one item, checked against what the entry asked for (``BadReply``
+    when it is malformed or outside the step's token mask)."""
+    token, logprob, top = answer.get("token"), answer.get("logprob"), answer.get("top", [])
+    if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
+        raise BadReply("the last stage answered without a valid token id")
+    if not isinstance(logprob, int | float) or isinstance(logprob, bool) or not -math.inf < logprob <= 1e-4:
+        raise BadReply("the last stage answered without a valid log-probability")
+    want = int(spec.get("logprobs", 0))
+    if not isinstance(top, list) or len(top) != min(want, vocab_size) or not all(
+            isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and not isinstance(e[0], bool)
+            and 0 <= e[0] < vocab_size and isinstance(e[1], int | float) and e[1] <= 1e-4 for e in top):
+        raise BadReply(f"the last stage answered without the {want} top log-probabilities asked for")
+    if "mask" in spec and not bool(unpack_mask(spec["mask"], vocab_size)[token]):
+        raise BadReply(f"the last stage drew token {token}, which the step's token mask disallows")
+    return TokenStep(token, min(float(logprob), 0.0), [(int(t), min(float(lp), 0.0)) for t, lp in top])
 
 
 def forward_one(reply: Message) -> torch.Tensor:
@@ -218,7 +237,7 @@ class ServingPeer:
         if not isinstance(entry, int) or end != self.layers[1] or not self.layers[0] <= entry < end:
             raise BadForward(f"this peer runs layers {self.layers[0]}..{self.layers[1]} (entered at any of them, "
                              f"to the end), not {entry}..{end}")
-        items = _parse_items(h.get("items"), rt.is_last)
+        items = _parse_items(h.get("items"), rt.is_last, self.info.vocab_size)
         x = msg.tensors.get("x")
         total = sum(it["n"] for it in items)
         if x is None or x.dim() < 1 or x.shape[0] != total or total > MAX_NEW_TOKENS_PER_CALL:
@@ -267,7 +286,10 @@ class ServingPeer:
             for obs in self.observers:
                 reply.update(obs.on_forward(key, entry, end, it["pos"], it["n"], out, is_last))
             if is_last and it["sample"] is not None:
-                reply["token"] = sample_with(out.reshape(-1)[: self.info.vocab_size], it["sample"])
+                step = draw(out.reshape(-1)[: self.info.vocab_size], it["sample"])
+                reply.update(token=step.token, logprob=step.logprob)
+                if step.top:
+                    reply["top"] = [[t, lp] for t, lp in step.top]
             else:
                 rows.append(out.reshape(1, -1) if is_last else out)
             replies.append(reply)

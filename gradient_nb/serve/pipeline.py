@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -32,9 +32,9 @@ from ..mesh.frames import Message
 from ..mesh.peer import Mesh
 from ..models import load_tokenizer, model_info, resolve_model
 from .coordinator import allocation_of, model_cost, serving_peers
-from .node import MAX_NEW_TOKENS_PER_CALL, BadReply, forward_items
+from .node import MAX_NEW_TOKENS_PER_CALL, BadReply, forward_items, token_step
 from .observers import RequestObserver
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, TokenStep, mask_nbytes, pack_mask
 from .scheduler import Stage, route
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,21 @@ REROUTE_TIMEOUT = 120.0
 # small against a step, long enough for requests woken by the previous batch to catch up.
 GATHER_WAIT_S = 0.002
 MAX_BATCH_TOKENS = MAX_NEW_TOKENS_PER_CALL
+# Token masks ride in the call's header, which frames bound (1 MiB): a batch carries at most this many
+# bytes of them.
+MAX_BATCH_MASK_BYTES = 512 << 10
+
+
+class Constraint(Protocol):
+    """Restricts the tokens of a generation step by step (constrained decoding, e.g. a grammar)."""
+
+    def allowed(self) -> torch.Tensor | None:
+        """A bool mask over the vocabulary of the tokens the next step may draw (None: any)."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """The token drawn at this step (not called for the end-of-sequence token that ends generation)."""
+        ...
 
 
 class NoRoute(MeshError):
@@ -129,7 +144,7 @@ class MeshEngine:
 
     # -- one step ------------------------------------------------------------------------------
     async def _step(self, chain: list[Stage], session: str, pos: int, tokens: list[int], trace: RequestTrace,
-                    sample: dict[str, Any]) -> int:
+                    sample: dict[str, Any]) -> TokenStep:
         """Run a request's new tokens through ``chain``; the last stage draws the next token."""
         if self._closed:
             raise EngineClosed("the engine was closed")
@@ -163,9 +178,7 @@ class MeshEngine:
                 answers = forward_items(reply, len(live))
                 ok = [(p, a) for p, a in zip(live, answers, strict=True) if "error" not in a]
                 if last:
-                    tokens = [a.get("token") for _, a in ok]
-                    if not all(isinstance(t, int) and 0 <= t < self.info.vocab_size for t in tokens):
-                        raise BadReply("the last stage answered without a valid token id")
+                    steps = {id(p): token_step(a, p.sample, self.info.vocab_size) for p, a in ok}
                 else:
                     y = reply.tensors.get("y")
                     rows = sum(int(p.x.shape[0]) for p, _ in ok)
@@ -186,7 +199,7 @@ class MeshEngine:
                     obs.on_call(p.trace.observed[obs.name], stage.peer_id, stage.start, stage.end, p.session,
                                 p.pos, inputs[id(p)], seen)
                 if last:
-                    p.done(int(a["token"]))
+                    p.done(steps[id(p)])
                 else:
                     n = int(p.x.shape[0])
                     inputs[id(p)] = y[offset: offset + n]
@@ -203,6 +216,14 @@ class MeshEngine:
 
     # -- the token loop ------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+        """Yield the generated token ids (EOS ends generation and is not yielded)."""
+        async for step in self.generate_steps(prompt_ids, params):
+            yield step.token
+
+    async def generate_steps(self, prompt_ids: list[int], params: SamplingParams,
+                             constraint: Constraint | None = None) -> AsyncIterator[TokenStep]:
+        """Yield each generated token with its log-probability and ``params.logprobs`` top alternatives.
+        ``constraint`` is asked for a token mask before each step; the stage that draws applies it."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         sampler = Sampler(params)
@@ -218,8 +239,11 @@ class MeshEngine:
         self._enter(chain)
         try:
             while trace.tokens < params.max_tokens:
+                allowed = constraint.allowed() if constraint is not None else None
+                # The same spec (mask included) for a replay after a failover: the same draw.
+                spec = sampler.spec(trace.tokens, None if allowed is None else pack_mask(allowed, self.info.vocab_size))
                 try:
-                    token = await self._step(chain, session, pos, tokens[pos:], trace, sampler.spec(trace.tokens))
+                    step = await self._step(chain, session, pos, tokens[pos:], trace, spec)
                 except (MeshError, TimeoutError) as exc:
                     if isinstance(exc, EngineClosed):
                         raise
@@ -237,13 +261,15 @@ class MeshEngine:
                     trace.routes.append([(s.peer_id, s.start, s.end) for s in chain])
                     continue
                 pos = len(tokens)
-                if token in self.eos_ids:
+                if step.token in self.eos_ids:
                     break  # like the OpenAI API and LocalEngine: EOS ends the answer and is not part of it
-                tokens.append(token)
+                if constraint is not None:
+                    constraint.accept(step.token)
+                tokens.append(step.token)
                 trace.tokens += 1
                 if trace.first_token_s is None:
                     trace.first_token_s = time.perf_counter() - started
-                yield token
+                yield step
         finally:
             self._leave(chain)
             # Free the caches without making the caller wait for it.
@@ -325,9 +351,9 @@ class _Pending:
     trace: RequestTrace
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
-    def done(self, token: int) -> None:
+    def done(self, step: TokenStep) -> None:
         if not self.future.done():
-            self.future.set_result(token)
+            self.future.set_result(step)
 
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
@@ -354,7 +380,7 @@ class _ChainBatcher:
     def idle(self) -> bool:
         return not self.queue and (self.task is None or self.task.done())
 
-    async def submit(self, p: _Pending) -> int:
+    async def submit(self, p: _Pending) -> TokenStep:
         self.queue.append(p)
         self._arrived.set()
         if self.task is None or self.task.done():
@@ -370,13 +396,15 @@ class _ChainBatcher:
                     self._arrived.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._arrived.wait(), max(0.0, deadline - time.monotonic()))
-                batch, tokens = [], 0
+                batch, tokens, mask_bytes = [], 0, 0
                 for p in self.queue:
                     n = int(p.x.shape[0])
-                    if batch and tokens + n > MAX_BATCH_TOKENS:
+                    m = mask_nbytes(self.engine.info.vocab_size) if "mask" in p.sample else 0
+                    if batch and (tokens + n > MAX_BATCH_TOKENS or mask_bytes + m > MAX_BATCH_MASK_BYTES):
                         break
                     batch.append(p)
                     tokens += n
+                    mask_bytes += m
                 del self.queue[: len(batch)]
                 batch = [p for p in batch if not p.future.done()]
                 if not batch:

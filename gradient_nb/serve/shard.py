@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..models.loader import DEFAULT_MODEL, ShardModel, load_shard, load_tokenizer, model_info, resolve_model
-from .sampling import Sampler, SamplingParams, StopDetector
+from .sampling import Sampler, SamplingParams, StopDetector, TokenStep, pack_mask
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -533,18 +533,30 @@ class LocalEngine:
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[int]:
         """Yield generated token ids; stops at EOS (not yielded), max_tokens, or after the token that
         completes a stop string (the caller trims the text with StopDetector, as this does to decide)."""
+        async for step in self.generate_steps(prompt_ids, params):
+            yield step.token
+
+    async def generate_steps(self, prompt_ids: Sequence[int], params: SamplingParams,
+                             constraint: Any = None) -> AsyncIterator[TokenStep]:
+        """``generate`` with each token's log-probabilities, under an optional ``constraint`` (as
+        ``MeshEngine.generate_steps``)."""
         sid = uuid.uuid4().hex
         sampler = Sampler(params)
         stops = StopDetector(self.tokenizer, params.stop) if params.stop else None
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64)
+        vocab = self.info.vocab_size
         try:
             logits = await self.runtime.forward(sid, range(ids.shape[0]), ids)
             pos = ids.shape[0]
             for i in range(params.max_tokens):
-                tok = sampler.next_token(logits)
+                allowed = constraint.allowed() if constraint is not None else None
+                step = sampler.next_step(logits[:vocab], None if allowed is None else pack_mask(allowed, vocab))
+                tok = step.token
                 if tok in self.eos_ids:
                     return
-                yield tok
+                if constraint is not None:
+                    constraint.accept(tok)
+                yield step
                 if stops is not None:
                     stops.push(tok)
                     if stops.stopped:

@@ -122,6 +122,59 @@ async def test_seeded_sampling_is_drawn_by_the_last_stage_like_one_process(even_
     assert got == await asyncio.to_thread(one_process)
 
 
+class _OnlyThese:
+    """A constraint that allows a fixed set of tokens at every step and records what it was told."""
+
+    def __init__(self, vocab: int, tokens: list[int]) -> None:
+        self.mask = torch.zeros(vocab, dtype=torch.bool)
+        self.mask[tokens] = True
+        self.accepted: list[int] = []
+
+    def allowed(self) -> torch.Tensor:
+        return self.mask
+
+    def accept(self, token: int) -> None:
+        self.accepted.append(token)
+
+
+async def test_logprobs_and_token_masks_through_the_mesh(even_split, reference) -> None:
+    """The last stage returns each drawn token's log-probability: at float32, within 1e-3 of the
+    log-softmax of one process's logits (full-sequence forward vs the mesh's cached steps), and the
+    top alternatives in order; a constraint's mask restricts the draws."""
+    from gradient_nb.serve.sampling import distribution, pack_mask
+
+    engine, ids = even_split.engine, reference["ids"][0]
+    greedy = [s async for s in engine.generate_steps(ids, SamplingParams(temperature=0.0, max_tokens=6, logprobs=3))]
+    assert [s.token for s in greedy] == reference["tokens"][0][:6]
+    only = _OnlyThese(engine.info.vocab_size, [int(t) for t in torch.randperm(engine.info.vocab_size)[:40]])
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=5, max_tokens=6, logprobs=2)
+    masked = [s async for s in engine.generate_steps(ids, params, constraint=only)]
+    assert masked and all(bool(only.mask[s.token]) for s in masked)
+    assert only.accepted == [s.token for s in masked]
+
+    def one_process() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        model = load_full_model(resolve_model())
+        out = []
+        for steps in (greedy, masked):
+            rows, seq = [], list(ids)
+            with torch.inference_mode():
+                for s in steps:
+                    rows.append(model(torch.tensor([seq])).logits[0, -1].float())
+                    seq.append(s.token)
+            out.append(rows)
+        return out[0], out[1]
+
+    greedy_logits, masked_logits = await asyncio.to_thread(one_process)
+    for s, row in zip(greedy, greedy_logits, strict=True):
+        want = torch.log_softmax(row, dim=-1)
+        assert abs(s.logprob - float(want[s.token])) < 1e-3
+        assert [t for t, _ in s.top] == torch.topk(want, 3).indices.tolist()
+    for i, (s, row) in enumerate(zip(masked, masked_logits, strict=True)):
+        spec = {"temperature": 1.0, "top_p": 0.9, "seed": 5, "step": i,
+                "mask": pack_mask(only.mask, engine.info.vocab_size)}
+        assert abs(s.logprob - float(distribution(row, spec)[s.token])) < 1e-3 and len(s.top) == 2
+
+
 async def test_malformed_forward_calls_get_errors_and_the_peer_keeps_serving(even_split, reference) -> None:
     engine, mesh = even_split.engine, even_split.engine.mesh
     first, _, last = engine.current_route()
@@ -143,7 +196,9 @@ async def test_malformed_forward_calls_get_errors_and_the_peer_keeps_serving(eve
     hidden = torch.zeros(1, engine.info.hidden_size)
     for spec in ({"temperature": 5.0, "top_p": 1.0, "seed": 1, "step": 0}, {"temperature": 0.0},
                  {"temperature": 0.5, "top_p": 0.0, "seed": 1, "step": 0}, "greedy",
-                 {"temperature": 0.5, "top_p": 1.0, "seed": -1, "step": 0}):
+                 {"temperature": 0.5, "top_p": 1.0, "seed": -1, "step": 0},
+                 {"temperature": 0.0, "top_p": 1.0, "seed": 1, "step": 0, "mask": b"\xff"},
+                 {"temperature": 0.0, "top_p": 1.0, "seed": 1, "step": 0, "logprobs": 99}):
         with pytest.raises(RemoteError, match="bad sampling spec"):
             await forward(last, {"model": engine.model_name, "start": last.start, "end": last.end,
                                  "items": [{"session": "b", "pos": 0, "n": 1, "sample": spec}]}, hidden)

@@ -118,3 +118,57 @@ def test_a_spec_draws_what_the_sampler_draws() -> None:
 def test_bad_specs_from_the_network_are_refused(spec) -> None:
     with pytest.raises(ValueError):
         parse_spec(spec)
+
+
+def test_logprobs_are_those_of_the_distribution_sampled_from() -> None:
+    from gradient_nb.serve.sampling import distribution, draw
+
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(4)) * 3
+    greedy = Sampler(SamplingParams(temperature=0.0, logprobs=5)).next_step(logits)
+    want = torch.log_softmax(logits, dim=-1)
+    assert greedy.token == int(logits.argmax()) and greedy.logprob == pytest.approx(float(want.max()), abs=1e-6)
+    assert [t for t, _ in greedy.top] == torch.topk(want, 5).indices.tolist()
+    spec = {"temperature": 0.7, "top_p": 0.8, "seed": 3, "step": 0, "logprobs": 2}
+    step = draw(logits, spec)
+    logp = torch.log_softmax(logits / 0.7, dim=-1)
+    sorted_p, order = torch.sort(logp.exp(), descending=True)
+    kept = torch.zeros(300, dtype=torch.bool)
+    kept[order[(torch.cumsum(sorted_p, 0) - sorted_p) < 0.8]] = True  # the nucleus, computed here
+    assert torch.equal(distribution(logits, spec) > -float("inf"), kept)
+    renorm = logp[kept] - torch.logsumexp(logp[kept], dim=-1)
+    assert step.token in torch.nonzero(kept)[:, 0].tolist()
+    assert step.logprob == pytest.approx(float(logp[step.token] - torch.logsumexp(logp[kept], dim=-1)), abs=1e-5)
+    assert step.top[0][1] == pytest.approx(float(renorm.max()), abs=1e-5) and len(step.top) == 2
+    assert Sampler(SamplingParams(temperature=0.0)).next_step(logits).top == []  # logprobs=0: no alternatives
+
+
+def test_a_token_mask_restricts_draws_and_is_size_checked() -> None:
+    from gradient_nb.serve.sampling import pack_mask, unpack_mask
+
+    vocab = 37
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(1))
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    allowed[[3, 11, 30]] = True
+    packed = pack_mask(allowed, vocab)
+    assert len(packed) == 5 and unpack_mask(packed, vocab).tolist() == allowed.tolist()
+    greedy = Sampler(SamplingParams(temperature=0.0)).next_step(logits, packed)
+    assert greedy.token == max((3, 11, 30), key=lambda t: float(logits[t]))
+    masked = torch.full_like(logits, -float("inf"))
+    masked[allowed] = logits[allowed]
+    assert greedy.logprob == pytest.approx(float(torch.log_softmax(masked, -1)[greedy.token]), abs=1e-6)
+    s = Sampler(SamplingParams(temperature=2.0, top_p=0.95, seed=5))
+    assert {s.next_step(logits, packed).token for _ in range(200)} <= {3, 11, 30}
+    # A shorter mask (a tokenizer's vocabulary inside a padded one) allows nothing past its end.
+    assert unpack_mask(pack_mask(allowed[:31], vocab), vocab).tolist() == allowed.tolist()
+    spec = {"temperature": 1.0, "top_p": 1.0, "seed": 1, "step": 0}
+    assert parse_spec({**spec, "mask": packed}, vocab)["mask"] == packed
+    for bad, why in ((packed[:4], "5 bytes of packed bits"), (packed + b"\0", "5 bytes of packed bits"),
+                     ("xx", "packed bits"), (bytes(5), "allows no token")):
+        with pytest.raises(ValueError, match=why):
+            parse_spec({**spec, "mask": bad}, vocab)
+    with pytest.raises(ValueError, match="logprobs"):
+        parse_spec({**spec, "logprobs": 21}, vocab)
+    with pytest.raises(ValueError, match="allows no token"):
+        pack_mask(torch.zeros(vocab, dtype=torch.bool), vocab)
+    with pytest.raises(ValueError):
+        SamplingParams(logprobs=21)

@@ -27,6 +27,7 @@ from mcp.server.mcpserver import MCPServer
 
 from ..mesh.frames import Message
 from ..mesh.rpc import CallContext
+from .beacon import Bidder, embed
 from .ledger import Ledger, Skill
 from .mcp_mesh import ServerTarget, Toolbox, ToolHost
 
@@ -82,7 +83,7 @@ class Agent:
             self.host.add(n, target)
             self.local.add(n, target)
         self.worker = worker
-        self.bidder = bidder
+        self.bidder = bidder if bidder is not None else Bidder()
         self.heartbeat = heartbeat
         self.tools: list[dict[str, Any]] = []
         self.load = 0
@@ -122,6 +123,8 @@ class Agent:
     async def _on_bid(self, msg: Message, ctx: CallContext) -> Message:
         if self.bidder is None:
             raise LookupError("this agent does not bid")
+        # The embedder is slow to load and encode: off the event loop (the cache keeps the vectors).
+        await asyncio.to_thread(lambda: [embed(f"{s.name}: {s.description}") for s in self.skills])
         return Message(self.bidder.bid(self, msg.header))
 
     async def _on_task(self, msg: Message, ctx: CallContext) -> Message:

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import time
 
-import msgpack
 import pytest
-from pycrdt import Map
 
 from gradient_nb.agents.ledger import CAPABILITIES, OUTCOMES, Ledger, Skill, outcome_record
 from gradient_nb.mesh.identity import Identity, sign_record
 from gradient_nb.mesh.state import MeshState
-
-
-def _sync(a: MeshState, b: MeshState) -> None:
-    b.doc.apply_update(a.doc.get_update(b.doc.get_state()))
-    a.doc.apply_update(b.doc.get_update(a.doc.get_state()))
+from tests.agents.conftest import replay, snapshot, sync
 
 
 def _pair() -> tuple[MeshState, MeshState, Ledger, Ledger]:
@@ -34,13 +28,13 @@ def _publish(ledger: Ledger, **kw) -> None:
 def test_capabilities_and_outcomes_form_history() -> None:
     a, b, la, lb = _pair()
     _publish(la, latency_ms=12.0)
-    _sync(a, b)
+    sync(a, b)
     caps = lb.agents()
     assert list(caps) == [a.identity.peer_id]
     assert caps[a.identity.peer_id].skills[0].name == "arithmetic" and caps[a.identity.peer_id].capacity == 2
     lb.record_outcome(a.identity.peer_id, "t1", success=True, latency_ms=30)
     lb.record_outcome(a.identity.peer_id, "t2", success=False, latency_ms=50)
-    _sync(a, b)
+    sync(a, b)
     la.refresh()
     for led in (la, lb):
         h = led.history(a.identity.peer_id)
@@ -52,15 +46,15 @@ def test_capabilities_and_outcomes_form_history() -> None:
 def test_forged_and_replayed_records_are_ignored() -> None:
     a, b, la, lb = _pair()
     _publish(la)
-    _sync(a, b)
-    old_slot = bytes(b.doc.get(CAPABILITIES, type=Map)[f"{a.identity.peer_id}/capability"])
+    sync(a, b)
+    old = snapshot(b, CAPABILITIES, a.identity.peer_id, "capability")
     _publish(la, load=1)
-    _sync(a, b)
+    sync(a, b)
     assert lb.agents()[a.identity.peer_id].load == 1
-    # Replay: the agent's own older (validly signed) slot bytes injected into the document again.
-    b.doc.get(CAPABILITIES, type=Map)[f"{a.identity.peer_id}/capability"] = old_slot
+    # Replay: the agent's own older (validly signed) record put back into the requester's replica.
+    replay(b, old)
     assert lb.agents()[a.identity.peer_id].load == 1
-    assert lb.rejected == 1
+    rejected = lb.rejected
     # Forgery: the requester (b) writes in its own slot an outcome about a signed by someone else,
     # a self-rating by a, and replays a valid outcome of its own under a second task id.
     mallory = Identity.generate()
@@ -70,31 +64,35 @@ def test_forged_and_replayed_records_are_ignored() -> None:
     good = outcome_record(b.identity, agent=a.identity.peer_id, task="t1", success=True, latency_ms=1)
     b.put(OUTCOMES, "t1", good)
     b.put(OUTCOMES, "t1-again", good)
-    _sync(a, b)
+    sync(a, b)
     for led in (la, lb):
         led.refresh()
         assert led.history(a.identity.peer_id).successes == 1
-    assert lb.rejected == 1 + 3
-    # A capability record signed by mallory for a's id, in a's slot written by mallory's state key.
-    fake = sign_record(mallory, {"kind": "capability", "peer_id": a.identity.peer_id, "name": "evil", "skills": [],
-                                 "tools": [], "capacity": 9, "load": 0, "seq": 999, "ts": time.time()})
-    b.doc.get(CAPABILITIES, type=Map)[f"{a.identity.peer_id}/capability"] = msgpack.packb(fake)
+    assert lb.rejected - rejected == 3
+    # A capability record signed by mallory naming a's id, published in mallory's own slot.
+    ms = MeshState(mallory)
+    ms.heartbeat({"name": "mallory"})
+    ms.put(CAPABILITIES, "capability", sign_record(mallory, {
+        "kind": "capability", "peer_id": a.identity.peer_id, "name": "evil", "skills": [], "tools": [],
+        "capacity": 9, "load": 0, "seq": 999, "ts": time.time()}))
+    sync(ms, b)
     assert all(c.name != "evil" for c in lb.agents().values())
+    assert lb.rejected - rejected == 4
 
 
 def test_silent_agent_drops_out(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b, la, lb = _pair()
     _publish(la)
-    _sync(a, b)
+    sync(a, b)
     assert a.identity.peer_id in lb.agents()
     now = [time.monotonic()]
     monkeypatch.setattr("gradient_nb.agents.ledger.time.monotonic", lambda: now[0])
     now[0] += 3
     _publish(la)  # a heartbeat inside the ttl keeps it
-    _sync(a, b)
+    sync(a, b)
     assert a.identity.peer_id in lb.agents()
     now[0] += 6
     assert a.identity.peer_id not in lb.agents()
     _publish(la)
-    _sync(a, b)
+    sync(a, b)
     assert a.identity.peer_id in lb.agents()

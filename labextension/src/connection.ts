@@ -29,7 +29,7 @@ export type ConnectionState =
   | 'connecting'
   /** Snapshots arriving. */
   | 'connected'
-  /** The kernel has no gradient_nb.mesh target (extension not loaded) or is down. */
+  /** The kernel has no gradient_nb.mesh target (gradient-nb not installed there) or is down. */
   | 'unavailable';
 
 export class MeshConnection {
@@ -41,6 +41,7 @@ export class MeshConnection {
   private _wantOpen = false;
   private _changed = new Signal<this, void>(this);
   private _disposed = false;
+  private _generation = 0;
 
   /** Fires whenever the snapshot or the state changes. */
   get changed(): ISignal<this, void> {
@@ -58,6 +59,11 @@ export class MeshConnection {
 
   get kernel(): IKernelLike | null {
     return this._kernel;
+  }
+
+  /** Counts the kernel's restarts seen (each a fresh process that has joined nothing). */
+  get generation(): number {
+    return this._generation;
   }
 
   setKernel(kernel: IKernelLike | null): void {
@@ -92,7 +98,11 @@ export class MeshConnection {
     if (!this._channel || this._channel.isClosed || !this._channel.gotSnapshot) {
       return {
         ok: false,
-        error: 'the kernel has not loaded gradient-nb (run %load_ext gradient_nb in a cell)'
+        error:
+          this._state === 'connecting'
+            ? 'the kernel has not answered yet; try again when it is idle'
+            : 'the kernel does not answer the gradient_nb.mesh comm: is gradient-nb installed in ' +
+              'the kernel’s environment?'
       };
     }
     return this._channel.request(kind, payload);
@@ -156,6 +166,9 @@ export class MeshConnection {
 
   private _onStatus(_: unknown, status: string): void {
     if (DOWN.has(status)) {
+      if (this._channel || this._state !== 'unavailable') {
+        this._generation += 1;
+      }
       this._dropChannel();
       this._snapshot = null;
       this._wantOpen = true;

@@ -1,25 +1,33 @@
 /**
- * JupyterLab glue: the Mesh side panel, the status-bar item and the join/leave commands.
- * The logic lives in model.ts, protocol.ts, connection.ts and view.ts.
+ * JupyterLab glue: the Mesh side panel, the status-bar item, the join/leave commands (listed in the
+ * palette under "gradient-nb"), the settings and auto-join. The logic lives in model.ts, protocol.ts,
+ * connection.ts, view.ts, settings.ts and autojoin.ts.
  */
 
 import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { ICommandPalette, InputDialog, showErrorMessage } from '@jupyterlab/apputils';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
+import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { LabIcon } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
 
+import { AutoJoiner } from './autojoin';
 import { IKernelLike, MeshConnection } from './connection';
 import { statusText } from './model';
+import { DEFAULT_SETTINGS, IMeshSettings, joinPayload, peerName, readSettings } from './settings';
 import { MeshView } from './view';
 
 export const PANEL_ID = 'gradient-nb-mesh-panel';
+export const PLUGIN_ID = 'gradient-nb-labextension:plugin';
+/** The palette's category: the product's name. */
+export const CATEGORY = 'gradient-nb';
 
 export namespace CommandIDs {
   export const join = 'gradient-nb:join';
   export const leave = 'gradient-nb:leave';
   export const showPanel = 'gradient-nb:show-mesh';
+  export const settings = 'gradient-nb:settings';
 }
 
 const meshIcon = new LabIcon({
@@ -36,20 +44,43 @@ const meshIcon = new LabIcon({
 
 class MeshPanel extends Widget {
   readonly view: MeshView;
+  private readonly _join: HTMLButtonElement;
+  private readonly _leave: HTMLButtonElement;
 
-  constructor(private readonly _connection: MeshConnection) {
+  constructor(
+    private readonly _connection: MeshConnection,
+    commands: JupyterFrontEnd['commands']
+  ) {
     super();
     this.id = PANEL_ID;
     this.addClass('gnb-MeshPanel');
     this.title.icon = meshIcon;
     this.title.caption = 'Mesh';
-    this.view = new MeshView(this.node);
+    // The panel's own Join/Leave: the same commands as the palette's.
+    const bar = document.createElement('div');
+    bar.className = 'gnb-MeshPanel-actions';
+    const button = (label: string, command: string) => {
+      const b = document.createElement('button');
+      b.className = 'jp-mod-styled';
+      b.textContent = label;
+      b.dataset.command = command;
+      b.addEventListener('click', () => void commands.execute(command));
+      bar.appendChild(b);
+      return b;
+    };
+    this._join = button('Join…', CommandIDs.join);
+    this._leave = button('Leave', CommandIDs.leave);
+    this.node.appendChild(bar);
+    this.view = new MeshView(this.node); // appends after the bar; the panel node carries its data-*
     _connection.changed.connect(this._update, this);
     this._update();
   }
 
   private _update(): void {
     this.view.render(this._connection.state, this._connection.snapshot);
+    const joined = this._connection.snapshot?.joined === true;
+    this._join.disabled = joined || this._connection.kernel === null;
+    this._leave.disabled = !joined;
   }
 
   dispose(): void {
@@ -106,54 +137,73 @@ function followCurrentKernel(tracker: INotebookTracker, connection: MeshConnecti
 }
 
 const plugin: JupyterFrontEndPlugin<void> = {
-  id: 'gradient-nb-labextension:plugin',
-  description: 'Shows the peers and links of the notebook kernel’s gradient-nb mesh.',
+  id: PLUGIN_ID,
+  description: 'Shows the peers and links of the notebook kernel’s gradient-nb mesh; joins kernels to it.',
   autoStart: true,
   requires: [INotebookTracker],
-  optional: [ICommandPalette, IStatusBar, ILabShell],
+  optional: [ICommandPalette, IStatusBar, ILabShell, ISettingRegistry],
   activate: (
     app: JupyterFrontEnd,
     tracker: INotebookTracker,
     palette: ICommandPalette | null,
     statusBar: IStatusBar | null,
-    labShell: ILabShell | null
+    labShell: ILabShell | null,
+    registry: ISettingRegistry | null
   ) => {
     const connection = new MeshConnection();
-    const panel = new MeshPanel(connection);
+    const panel = new MeshPanel(connection, app.commands);
     app.shell.add(panel, 'left', { rank: 900 });
+
+    let settings: IMeshSettings = { ...DEFAULT_SETTINGS };
+    const notebookName = () => peerName(settings, tracker.currentWidget?.context.path ?? null);
+    const autoJoiner = new AutoJoiner(
+      connection,
+      () => settings,
+      notebookName,
+      error => void showErrorMessage('gradient-nb: auto-join failed', error)
+    );
+    if (registry) {
+      void registry.load(PLUGIN_ID).then(loaded => {
+        const update = () => {
+          settings = readSettings(loaded.composite as Record<string, unknown>);
+          autoJoiner.check();
+        };
+        loaded.changed.connect(update);
+        update();
+      });
+    }
     followCurrentKernel(tracker, connection);
 
     app.commands.addCommand(CommandIDs.join, {
-      label: 'Mesh: Join a Mesh…',
-      caption: 'Join the current notebook’s kernel to a gradient-nb mesh',
+      label: 'gradient-nb: Join a Mesh…',
+      caption: 'Join the current notebook’s kernel to a gradient-nb mesh (empty URL: a new local mesh)',
       execute: async () => {
         const url = await InputDialog.getText({
           title: 'Join a mesh',
-          label: 'Rendezvous URL',
-          placeholder: 'ws://host:port'
+          label: 'Rendezvous URL (empty: start a new local mesh in this kernel)',
+          placeholder: 'ws://host:port',
+          text: settings.rendezvousUrl
         });
-        if (!url.button.accept || !url.value?.trim()) {
+        if (!url.button.accept) {
           return;
         }
         const name = await InputDialog.getText({
-          title: 'Join a mesh',
+          title: url.value?.trim() ? 'Join a mesh' : 'Start a local mesh',
           label: 'Name of this peer (optional)',
-          placeholder: ''
+          placeholder: '',
+          text: notebookName() ?? ''
         });
         if (!name.button.accept) {
           return;
         }
-        const reply = await connection.request('join', {
-          url: url.value.trim(),
-          name: name.value?.trim() || null
-        });
+        const reply = await connection.request('join', joinPayload(settings, url.value ?? '', name.value ?? null));
         if (!reply.ok) {
           await showErrorMessage('Could not join the mesh', reply.error);
         }
       }
     });
     app.commands.addCommand(CommandIDs.leave, {
-      label: 'Mesh: Leave the Mesh',
+      label: 'gradient-nb: Leave the Mesh',
       caption: 'Leave the mesh the current notebook’s kernel has joined',
       isEnabled: () => connection.snapshot?.joined === true,
       execute: async () => {
@@ -164,7 +214,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
     });
     app.commands.addCommand(CommandIDs.showPanel, {
-      label: 'Mesh: Show Mesh Panel',
+      label: 'gradient-nb: Show Mesh Panel',
       execute: () => {
         if (labShell) {
           labShell.activateById(PANEL_ID);
@@ -173,11 +223,16 @@ const plugin: JupyterFrontEndPlugin<void> = {
         }
       }
     });
+    app.commands.addCommand(CommandIDs.settings, {
+      label: 'gradient-nb: Mesh Settings (auto-join, rendezvous, TURN)…',
+      isVisible: () => registry !== null && app.commands.hasCommand('settingeditor:open'),
+      execute: () => app.commands.execute('settingeditor:open', { query: 'gradient-nb' })
+    });
     connection.changed.connect(() => app.commands.notifyCommandChanged(CommandIDs.leave));
 
     if (palette) {
-      for (const command of [CommandIDs.join, CommandIDs.leave, CommandIDs.showPanel]) {
-        palette.addItem({ command, category: 'Mesh' });
+      for (const command of [CommandIDs.join, CommandIDs.leave, CommandIDs.showPanel, CommandIDs.settings]) {
+        palette.addItem({ command, category: CATEGORY });
       }
     }
 

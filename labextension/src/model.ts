@@ -19,6 +19,8 @@ export interface IPeer {
   services: string[];
   layers: [number, number] | null;
   last_seen: number | null;
+  /** The user's peer id when the kernel certificate checked out (a kernel peer), else null. */
+  user: string | null;
 }
 
 export interface ILink {
@@ -101,7 +103,8 @@ function parsePeer(raw: unknown): IPeer | null {
     tflops: num(raw.tflops),
     services: list(raw.services).filter((s): s is string => typeof s === 'string'),
     layers: parseLayers(raw.layers),
-    last_seen: num(raw.last_seen)
+    last_seen: num(raw.last_seen),
+    user: typeof raw.user === 'string' && raw.user !== '' ? raw.user : null
   };
 }
 
@@ -251,7 +254,10 @@ export function peerRows(snapshot: MeshSnapshot): IPeerRow[] {
         services: p.services.length ? p.services.join(', ') : '—',
         layers: formatLayers(p.layers)
       },
-      title: `${p.id}\nfree memory: ${formatBytes(p.free_memory_bytes)}\nmeasured: ${tflops}`
+      title:
+        `${p.id}\n` +
+        (p.user ? `kernel of user ${p.user}\n` : '') +
+        `free memory: ${formatBytes(p.free_memory_bytes)}\nmeasured: ${tflops}`
     };
   });
 }
@@ -300,7 +306,8 @@ export function statusText(snapshot: MeshSnapshot | null): string {
   return `Mesh: ${n} ${n === 1 ? 'peer' : 'peers'}`;
 }
 
-export const NOT_JOINED_MESSAGE = 'This kernel has not joined a mesh — run %mesh join';
+export const NOT_JOINED_MESSAGE =
+  'This kernel has not joined a mesh — Join… above (or “gradient-nb: Join a Mesh…”, or %mesh join)';
 export const NO_KERNEL_MESSAGE = 'No notebook kernel. ' + NOT_JOINED_MESSAGE;
 
 // ---------------------------------------------------------------- diffing

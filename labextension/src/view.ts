@@ -79,9 +79,11 @@ class KeyedTable<R extends IKeyedRow> {
       let tr = this._rows.get(row.key);
       if (!tr) {
         tr = this._body.ownerDocument.createElement('tr');
-        for (const [key] of this._columns) {
+        for (const [key, label] of this._columns) {
           const td = tr.insertCell();
           td.dataset.column = key;
+          // A narrow panel shows rows as cards, each cell after its column's name (base.css).
+          td.dataset.label = label;
         }
         this._rows.set(row.key, tr);
       }

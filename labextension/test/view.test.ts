@@ -20,7 +20,7 @@ describe('MeshView', () => {
     expect(root.textContent).toContain(NO_KERNEL_MESSAGE);
     expect(root.dataset.peerCount).toBe('0');
     v.render('unavailable', null);
-    expect(root.textContent).toContain('This kernel has not joined a mesh — run %mesh join');
+    expect(root.textContent).toContain(NOT_JOINED_MESSAGE);
     v.render('connected', { joined: false, error: 'RuntimeError: x' });
     expect(root.querySelector('.gnb-MeshView-message')!.textContent).toBe(
       `${NOT_JOINED_MESSAGE} (the kernel reported: RuntimeError: x)`
@@ -70,5 +70,21 @@ describe('MeshView', () => {
     expect(peerIds(root)).toEqual([]);
     expect(root.dataset.peerCount).toBe('0');
     expect(root.dataset.joined).toBe('false');
+  });
+
+  it('labels every cell with its column, for the narrow panel’s card layout', () => {
+    const { root, v } = view();
+    v.render('connected', parseSnapshot(threePeers()));
+    const heads = (sel: string) =>
+      [...root.querySelectorAll<HTMLElement>(`${sel} th`)].map(th => th.textContent);
+    for (const sel of ['.gnb-MeshView-peers', '.gnb-MeshView-links']) {
+      const rows = [...root.querySelectorAll<HTMLTableRowElement>(`${sel} tbody tr`)];
+      expect(rows.length).toBeGreaterThan(0);
+      for (const tr of rows) {
+        expect([...tr.cells].map(td => td.dataset.label)).toEqual(heads(sel));
+      }
+    }
+    expect(heads('.gnb-MeshView-peers')).toContain('Layers');
+    expect(heads('.gnb-MeshView-links')).toContain('RTT');
   });
 });

@@ -70,6 +70,14 @@ class PeerUnreachable(MeshError):
     """There is no working link to the peer (it left, or the link closed)."""
 
 
+class LinkLost(PeerUnreachable):
+    """The link to the peer died under a call (no reply to its pings, the connection broke: a NAT
+    that forgot its mapping, a router reboot). The peer itself may well be there: the mesh re-links
+    at once, so a retry of the call is expected to work."""
+
+    retryable = True
+
+
 # Remote error codes that have a typed class at the caller. Codes are the exception type names, so a handler
 # that itself raises UnknownMethod (e.g. while forwarding a call) arrives as UnknownMethod too.
 _TYPED: dict[str, type[RemoteError]] = {"UnknownMethod": UnknownMethod, "BadRequest": BadRequest}

@@ -34,7 +34,6 @@ import json
 import logging
 import re
 import socket
-import statistics
 import struct
 import time
 import types
@@ -47,8 +46,9 @@ import aiortc
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc import rtcsctptransport as _sctp_mod
 
+from .direct import robust_rtt
 from .ice import IceConfig
-from .transport import LinkClosed, Transport
+from .transport import LinkClosed, LinkDied, Transport
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,11 @@ _CHUNK_CAP = 262144
 _F_FIRST, _F_LAST, _F_CREDIT = 0x01, 0x02, 0x80
 _U64 = struct.Struct("!Q")
 
-_PING_INTERVAL = 10.0
+# Pings measure the RTT and keep the link honest: DEAD_AFTER seconds with nothing heard, and 3 pings in
+# a row unanswered, and the link is declared dead (a NAT that forgot its mapping: ICE consent alone
+# would take ~30 s), closed with the reason, and the mesh re-links.
+_PING_INTERVAL = 1.0
+DEAD_AFTER = 5.0
 
 
 class LinkFailed(ConnectionError):
@@ -122,7 +126,7 @@ class _ChannelTransport:
 
     async def send(self, data: bytes) -> None:
         if self._closed:
-            raise LinkClosed(f"link to {self._link.remote_id[:8]} closed ({self.label})")
+            raise self._link.closed_error(f"({self.label})")
         n = len(data)
         if n > self.max_message_size:
             raise ValueError(f"message of {n} bytes exceeds {self.max_message_size}")
@@ -155,25 +159,26 @@ class _ChannelTransport:
     def _channel_send(self, frame: bytes) -> None:
         if self._closed or self._channel.readyState != "open":
             self._mark_closed()
-            raise LinkClosed(f"link to {self._link.remote_id[:8]} closed ({self.label})")
+            raise self._link.closed_error(f"({self.label})")
         try:
             self._channel.send(frame)
         except Exception as exc:  # aiortc raises InvalidStateError once the channel is closing
             self._mark_closed()
-            raise LinkClosed(f"link to {self._link.remote_id[:8]} closed ({self.label}): {exc}") from exc
+            raise self._link.closed_error(f"({self.label}): {exc}") from exc
 
     async def _wait(self, event: asyncio.Event) -> None:
         # A wake-up each second re-checks the link, so a send never hangs on a dead link.
         while not event.is_set():
             if self._closed:
-                raise LinkClosed(f"link to {self._link.remote_id[:8]} closed ({self.label})")
+                raise self._link.closed_error(f"({self.label})")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), 1.0)
         if self._closed:
-            raise LinkClosed(f"link to {self._link.remote_id[:8]} closed ({self.label})")
+            raise self._link.closed_error(f"({self.label})")
 
     # -- receiving ----------------------------------------------------------------------------
     def _on_message(self, frame: bytes | str) -> None:
+        self._link._last_heard = time.monotonic()
         if isinstance(frame, str) or not frame:
             return  # not ours: our frames are binary and never empty
         flags = frame[0]
@@ -238,7 +243,7 @@ class _ChannelTransport:
     async def recv(self) -> bytes:
         while not self._inbox:
             if self._closed:
-                raise LinkClosed(f"link to {self._link.remote_id[:8]} closed ({self.label})")
+                raise self._link.closed_error(f"({self.label})")
             self._readable.clear()
             await self._readable.wait()
         msg = self._inbox.popleft()
@@ -283,6 +288,8 @@ class LinkStats:
     state: str
     tuned: bool = False
     sctp_packet_bytes: int | None = None
+    # direct-tcp (mesh/direct.py), webrtc-direct or webrtc-relay
+    kind: str = "webrtc-direct"
 
 
 _FP_RE = re.compile(r"^a=fingerprint:(\S+)\s+([0-9A-Fa-f:]+)\s*$", re.MULTILINE)
@@ -310,7 +317,9 @@ class Link:
         self._remote_sdp = ""
         # The last few samples: their median is the link's RTT, robust to one ping that queued
         # behind bulk data (channels share one SCTP send queue).
-        self._rtt_samples: deque[float] = deque(maxlen=5)
+        self._rtt_samples: deque[float] = deque(maxlen=8)
+        self.lost_reason: str | None = None  # set when the link died rather than being closed
+        self._last_heard = time.monotonic()
         self._pong_waiters: dict[int, asyncio.Future[float]] = {}
         self._pings: dict[int, float] = {}
         self._ping_seq = 0
@@ -318,6 +327,7 @@ class Link:
         self._packet_bytes: int | None = None
         self._failed_reason: str | None = None
         self._state_changed = asyncio.Event()
+        self.dead_after = DEAD_AFTER
         self._sack_timer: asyncio.TimerHandle | None = None
         pc.on("connectionstatechange", self._on_state)
         channels = {label: pc.createDataChannel(label, negotiated=True, id=_CHANNEL_IDS[label], ordered=True)
@@ -335,10 +345,22 @@ class Link:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def kind(self) -> str:
+        return self.stats().kind
+
+    def closed_error(self, where: str = "") -> LinkClosed:
+        """LinkDied when the link died under us (its reason said), LinkClosed when it was closed."""
+        if self.lost_reason:
+            return LinkDied(f"link to {self.remote_id[:8]} lost {where}: {self.lost_reason}")
+        return LinkClosed(f"link to {self.remote_id[:8]} closed {where}".rstrip())
+
     def _on_state(self) -> None:
         self._state_changed.set()
         if self._pc.connectionState in ("failed", "closed"):
             self._failed_reason = self._failed_reason or f"connection {self._pc.connectionState}"
+            if self._pc.connectionState == "failed" and not self._closed:
+                self.lost_reason = self.lost_reason or "ICE connection failed (consent lost)"
             self._spawn_close()
 
     def _sctp_ready(self) -> bool:
@@ -440,6 +462,7 @@ class Link:
         self._control_send(hello)
 
     def _on_control(self, raw: bytes | str) -> None:
+        self._last_heard = time.monotonic()
         try:
             msg = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -479,9 +502,18 @@ class Link:
         for _ in range(3):  # a few samples at once, so stats() has a figure right after connecting
             self._send_ping()
             await asyncio.sleep(0.05)
+        misses = 0
         while not self._closed:
+            sent = time.monotonic()
             self._send_ping()
             await asyncio.sleep(_PING_INTERVAL)
+            # A stall of this side's own event loop sends no pings, so it cannot pass for a dead link.
+            misses = misses + 1 if self._last_heard < sent else 0
+            if misses >= 3 and time.monotonic() - self._last_heard > self.dead_after:
+                self.lost_reason = f"no reply to pings for {time.monotonic() - self._last_heard:.1f} s"
+                log.warning("link to %s: %s; closing it", self.remote_id[:8], self.lost_reason)
+                self._spawn_close()
+                return
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Measure the round-trip time now, in ms (also recorded for :meth:`stats`)."""
@@ -542,10 +574,11 @@ class Link:
                 for s in sctp.transport._get_stats().values():
                     sent, received = s.bytesSent, s.bytesReceived
         return LinkStats(local_candidate_type=lt, remote_candidate_type=rt, relayed="relay" in (lt, rt),
-                         rtt_ms=statistics.median(self._rtt_samples) if self._rtt_samples else None,
+                         rtt_ms=robust_rtt(self._rtt_samples),
                          bytes_sent=sent, bytes_received=received, local_address=la,
                          remote_address=ra, state="closed" if self._closed else self._pc.connectionState,
-                         tuned=self._packet_bytes is not None, sctp_packet_bytes=self._packet_bytes)
+                         tuned=self._packet_bytes is not None, sctp_packet_bytes=self._packet_bytes,
+                         kind="webrtc-relay" if "relay" in (lt, rt) else "webrtc-direct")
 
     def local_fingerprints(self) -> list[str]:
         return sdp_fingerprints(self._local_sdp)

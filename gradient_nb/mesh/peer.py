@@ -34,6 +34,7 @@ from pycrdt import Provider
 
 from . import resources
 from .dht import Dht
+from .direct import DialRefused, DirectEndpoint, DirectLink, DirectLinkFailed
 from .errors import JoinRefused, MeshError, PeerUnreachable, RemoteError, SignatureInvalid, UnknownMethod
 from .frames import Message
 from .ice import IceConfig, explain_failure, same_network
@@ -117,7 +118,7 @@ class PeerInfo:
 
 @dataclass
 class _PeerLink:
-    link: Link
+    link: Link | DirectLink
     rpc: RpcEndpoint
     provider_task: asyncio.Task | None = None
 
@@ -127,7 +128,8 @@ class Mesh:
 
     def __init__(self, url: str, *, mesh: str, name: str, identity: Identity, secret: str | None,
                  ice: IceConfig, heartbeat: float, peer_timeout: float, eager_links: int,
-                 probe_seconds: float, observe: bool = False, check_links: bool = True) -> None:
+                 probe_seconds: float, observe: bool = False, check_links: bool = True,
+                 direct: bool = True) -> None:
         self.url = url.rstrip("/").replace("http://", "ws://", 1).replace("https://", "wss://", 1)
         self.mesh_name, self.name, self.identity = mesh, name, identity
         self.id = identity.peer_id
@@ -140,6 +142,10 @@ class Mesh:
         self._probe_seconds = probe_seconds
         self.observe = observe
         self.check_links = check_links
+        # Direct TCP/TLS links (mesh/direct.py) to peers whose advertised address answers; WebRTC otherwise.
+        self.direct = direct and not observe
+        self._direct: DirectEndpoint | None = None
+        self._dialing: set[str] = set()
         self.link_errors: dict[str, str] = {}  # peer id -> why the last attempt to link failed
         # peer id -> (our SDP, theirs) of a link attempt not yet connected: a join that gives up on it
         # before ICE itself does (its checks retry for about a minute) still explains from the candidates.
@@ -191,6 +197,14 @@ class Mesh:
             raise
         if self.observe:
             return
+        if self.direct:
+            self._direct = DirectEndpoint(self.identity, mesh=self.mesh_name, secret=self.secret,
+                                          accept=self._accept_direct, on_link=self._on_direct_link)
+            try:
+                await self._direct.listen()
+            except OSError as exc:
+                log.warning("no direct listener (%s); links use WebRTC only", exc)
+                self._direct = None
         self._publish()
         await self.dht.start()
         self._spawn(self._heartbeat_loop(), "mesh-heartbeat")
@@ -203,6 +217,9 @@ class Mesh:
         others = sorted(self._rendezvous_peers)[:3]
         if not others:
             return
+        # Their records carry the addresses a direct link dials: wait (briefly) for the first sync.
+        with contextlib.suppress(MeshError):
+            await self.wait_synced(5.0)
         results = await asyncio.gather(*(self._link_to(p, JOIN_LINK_TIMEOUT) for p in others),
                                        return_exceptions=True)
         if any(not isinstance(r, BaseException) for r in results):
@@ -260,6 +277,8 @@ class Mesh:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for pid in list(self._links):
             await self._drop_link(pid)
+        if self._direct is not None:
+            await self._direct.close()
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await self._ws.close()
@@ -438,9 +457,22 @@ class Mesh:
         link_id, sdp = body.get("link"), body.get("sdp")
         if not isinstance(link_id, str) or not isinstance(sdp, str):
             return
+        if sender in self._dialing:
+            # Our direct dial is under way: if it fails we offer WebRTC ourselves.
+            await self._send_signal(sender, "reject", {"link": link_id, "reason": "dialing"})
+            return
         if sender in self._offers and self.id < sender:
             # Glare: both sides offered; the lower id's offer wins and the other side answers it.
             await self._send_signal(sender, "reject", {"link": link_id, "reason": "glare"})
+            return
+        old = self._links.get(sender)
+        if old is not None and isinstance(old.link, DirectLink) and not old.link.closed:
+            # Its WebRTC offer crossed our direct dial: the direct link wins (a peer that really lost
+            # its end of a TCP link makes the link close here too, and may offer again then).
+            await self._send_signal(sender, "reject", {"link": link_id, "reason": "linked"})
+            return
+        if isinstance(body.get("direct"), list) and await self._try_direct(sender, body["direct"]):
+            await self._send_signal(sender, "reject", {"link": link_id, "reason": "direct"})
             return
         pending = self._offers.pop(sender, None)
         if pending is not None and not pending[1].done():
@@ -471,37 +503,116 @@ class Mesh:
         await self._register_link(sender, link)
 
     # -- links ---------------------------------------------------------------------------------
-    async def _register_link(self, peer_id: str, link: Link) -> _PeerLink:
+    def _keeps_old(self, peer_id: str, new: Link | DirectLink, old: Link | DirectLink) -> bool:
+        """When two links to one peer cross (both sides dialed or offered at once), both ends keep
+        the same one: a direct link over WebRTC, and of two direct links the one the lower id dialed.
+        A second WebRTC link replaces the first (the other side offers again when it lost its end)."""
+        if isinstance(old, DirectLink) != isinstance(new, DirectLink):
+            return isinstance(old, DirectLink)
+        if isinstance(old, DirectLink) and isinstance(new, DirectLink):
+            lower_dialed = self.id < peer_id
+            return old.initiator == lower_dialed and new.initiator != lower_dialed
+        return False
+
+    async def _register_link(self, peer_id: str, link: Link | DirectLink) -> _PeerLink:
+        current = self._links.get(peer_id)
+        if current is not None and current.link is not link and not current.link.closed \
+                and self._keeps_old(peer_id, link, current.link):
+            await link.close()
+            return current
         rpc = RpcEndpoint(link.transports["rpc"], self.services, remote_id=peer_id)
         await rpc.start()
         pl = _PeerLink(link, rpc)
         provider = Provider(self.state.doc, _TransportChannel(link.transports["state"], f"link/{peer_id}"))
         pl.provider_task = self._spawn(provider.start(), f"mesh-sync-{peer_id[:8]}")
+        old = self._links.get(peer_id)
         self._links[peer_id] = pl
+        if old is not None and old.link is not link:
+            # A newer link replaces it (the other side lost its end, or a crossing link won).
+            self._spawn(self._close_peer_link(old), f"mesh-replaced-{peer_id[:8]}")
         self._link_sdps.pop(peer_id, None)
         link.on_close.append(lambda: self._on_link_closed(peer_id, link))
         fut = self._connecting.pop(peer_id, None)
         if fut is not None and not fut.done():
             fut.set_result(pl)
         self.dht.add_contact(peer_id)
-        log.info("linked to %s (%s)", peer_id[:8], link.stats().remote_candidate_type)
+        log.info("linked to %s (%s)", peer_id[:8], link.stats().kind)
         return pl
 
-    def _on_link_closed(self, peer_id: str, link: Link) -> None:
+    def _on_link_closed(self, peer_id: str, link: Link | DirectLink) -> None:
         pl = self._links.get(peer_id)
         if pl is not None and pl.link is link and not self._closed:
-            self._spawn(self._drop_link(peer_id), f"mesh-unlink-{peer_id[:8]}")
+            self._spawn(self._drop_link(peer_id, link), f"mesh-unlink-{peer_id[:8]}")
+            if link.lost_reason and peer_id in self.state.peers():
+                # The link died under a live peer (a NAT forgot its mapping): re-link at once, so the
+                # retry of whatever failed with LinkLost finds a new link.
+                log.warning("link to %s lost (%s); re-linking", peer_id[:8], link.lost_reason)
+                self.link_errors.pop(peer_id, None)
+                self._spawn(self._quiet_link(peer_id), f"mesh-relink-{peer_id[:8]}")
 
-    async def _drop_link(self, peer_id: str) -> None:
-        pl = self._links.pop(peer_id, None)
-        if pl is None:
-            return
+    async def _close_peer_link(self, pl: _PeerLink) -> None:
         if pl.provider_task is not None:
             pl.provider_task.cancel()
         await pl.rpc.close()
         await pl.link.close()
 
+    async def _drop_link(self, peer_id: str, link: Link | DirectLink | None = None) -> None:
+        """Close the link to ``peer_id`` (only if it is still ``link``, when that is given)."""
+        pl = self._links.get(peer_id)
+        if pl is None or (link is not None and pl.link is not link):
+            return
+        del self._links[peer_id]
+        await self._close_peer_link(pl)
+
+    # -- direct links ----------------------------------------------------------------------------
+    def _accept_direct(self, peer_id: str) -> bool:
+        # Glare: both sides dial each other at once; the lower id's dial wins on both ends.
+        if peer_id in self._dialing and self.id < peer_id:
+            return False
+        # A live direct link exists (theirs crossed ours): keep it, unless it has gone quiet (the
+        # other side may have lost it before we noticed, and dials again).
+        pl = self._links.get(peer_id)
+        return not (pl is not None and isinstance(pl.link, DirectLink) and not pl.link.closed
+                    and pl.link.last_heard_s < 2.0)
+
+    async def _on_direct_link(self, link: DirectLink) -> None:
+        if self._closed:
+            await link.close()
+            return
+        await self._register_link(link.remote_id, link)
+
+    async def _try_direct(self, peer_id: str, addresses: Any = None) -> bool:
+        """Link to ``peer_id`` over TCP/TLS when it advertises an address that answers as that peer
+        (in its registry record, or ``addresses`` from its signed offer). False: no direct path
+        (WebRTC next). On glare, waits for the other side's dial to land."""
+        if addresses is None:
+            addresses = (self.state.peers().get(peer_id) or {}).get("direct")
+        if self._direct is None or not isinstance(addresses, list) or not addresses:
+            return False
+        self._dialing.add(peer_id)
+        try:
+            link = await self._direct.dial(peer_id, [a for a in addresses if isinstance(a, str)])
+        except DialRefused:
+            fut = self._connecting.get(peer_id)
+            if fut is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(fut), 5.0)
+            return self._live(peer_id)
+        except DirectLinkFailed as exc:
+            log.debug("no direct link to %s: %s", peer_id[:8], exc)
+            return False
+        finally:
+            self._dialing.discard(peer_id)
+        await self._register_link(peer_id, link)
+        return True
+
+    def _live(self, peer_id: str) -> bool:
+        pl = self._links.get(peer_id)
+        return pl is not None and not pl.link.closed
+
     async def _offer_to(self, peer_id: str) -> None:
+        if await self._try_direct(peer_id) or self._live(peer_id):
+            return
         link_id = secrets.token_hex(8)
         answer_fut: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
         self._offers[peer_id] = (link_id, answer_fut)
@@ -509,7 +620,14 @@ class Mesh:
         sdp = answer_sdp = None
         try:
             pending, sdp = await offer_link(peer_id, self.ice)
-            await self._send_signal(peer_id, "offer", {"link": link_id, "sdp": sdp})
+            if self._live(peer_id):
+                return  # the other side's direct dial landed meanwhile
+            offer: dict[str, Any] = {"link": link_id, "sdp": sdp}
+            if self._direct is not None:
+                # The other side may reach us directly even where we could not reach it (or did not
+                # know its address yet): it then dials us and refuses this offer.
+                offer["direct"] = self._direct.addresses()
+            await self._send_signal(peer_id, "offer", offer)
             reply = await asyncio.wait_for(answer_fut, CONNECT_TIMEOUT)
             if reply["kind"] == "reject":
                 await pending.close()
@@ -631,7 +749,8 @@ class Mesh:
         out = {}
         for pid, pl in self._links.items():
             s = pl.link.stats()
-            out[pid] = {"peer": pid, "type": s.remote_candidate_type, "local_type": s.local_candidate_type,
+            out[pid] = {"peer": pid, "kind": s.kind, "type": s.remote_candidate_type,
+                        "local_type": s.local_candidate_type,
                         "relayed": bool(s.relayed), "rtt_ms": s.rtt_ms, "bytes_sent": s.bytes_sent,
                         "bytes_received": s.bytes_received}
         return out
@@ -647,6 +766,8 @@ class Mesh:
         rec = dict(self.extra_record)
         rec.update(name=self.name, services=self.services.names(), links=list(self.links().values()),
                    **self.resources)
+        if self._direct is not None:
+            rec["direct"] = self._direct.addresses()
         self.state.heartbeat(rec)
 
     def _record_metrics(self) -> None:
@@ -715,7 +836,8 @@ class Mesh:
                           "layers": p.extra.get("layers"), "self": p.id == self.id})
             for lk in p.links:
                 a, b = sorted((p.id, str(lk.get("peer"))))
-                links.setdefault((a, b), {"a": a, "b": b, "type": lk.get("type"), "relayed": lk.get("relayed"),
+                links.setdefault((a, b), {"a": a, "b": b, "kind": lk.get("kind"), "type": lk.get("type"),
+                                          "relayed": lk.get("relayed"),
                                           "rtt_ms": lk.get("rtt_ms"), "bytes_sent": lk.get("bytes_sent", 0),
                                           "bytes_received": lk.get("bytes_received", 0)})
         return {"joined": not self._closed, "mesh": self.mesh_name, "self": self.id, "rendezvous": self.url,
@@ -743,7 +865,7 @@ class _DhtNetwork:
 async def join(url: str, *, mesh: str = "default", name: str | None = None, secret: str | None = None,
                identity: Identity | None = None, ice: IceConfig | None = None, heartbeat: float = 2.0,
                peer_timeout: float = 10.0, eager_links: int = 4, probe_seconds: float = 0.25,
-               observe: bool = False, check_links: bool = True) -> Mesh:
+               observe: bool = False, check_links: bool = True, direct: bool = True) -> Mesh:
     """Join the mesh ``mesh`` introduced by the rendezvous at ``url`` (``ws://host:port``).
 
     ``identity`` defaults to the user's persistent key; pass ``Identity.generate()`` for a throwaway one.
@@ -751,12 +873,14 @@ async def join(url: str, *, mesh: str = "default", name: str | None = None, secr
     ``observe=True`` only reads the state: nothing is published and no links are made.
     With ``check_links`` (the default) the join links to a few peers right away and fails with the
     reason (e.g. a symmetric NAT with no TURN server) when none can be reached.
+    With ``direct`` (the default) the peer listens for TCP/TLS links on all its addresses and dials
+    a peer's advertised address first (``mesh/direct.py``), falling back to WebRTC.
     Raises :class:`JoinRefused` with the reason when the rendezvous is unreachable or refuses.
     """
     identity = identity or Identity.load_or_create()
     m = Mesh(url, mesh=mesh, name=name or f"peer-{identity.peer_id[:6]}", identity=identity, secret=secret,
              ice=ice or IceConfig(), heartbeat=heartbeat, peer_timeout=peer_timeout, eager_links=eager_links,
-             probe_seconds=probe_seconds, observe=observe, check_links=check_links)
+             probe_seconds=probe_seconds, observe=observe, check_links=check_links, direct=direct)
     try:
         await m._start()
     except BaseException:

@@ -35,6 +35,7 @@ from .errors import (
     BadFrame,
     CallCancelled,
     CallTimeout,
+    LinkLost,
     MeshError,
     PeerUnreachable,
     RemoteError,
@@ -50,7 +51,7 @@ from .frames import (
     decode_frame,
     encode_frame,
 )
-from .transport import LinkClosed, Transport
+from .transport import LinkClosed, LinkDied, Transport
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,12 @@ class _Incoming:
     wake: asyncio.Event
 
 
+def _link_closed_error(remote_id: str, exc: LinkClosed) -> PeerUnreachable:
+    if isinstance(exc, LinkDied):
+        return LinkLost(f"link to {remote_id[:8] or 'peer'} lost ({exc}); retry: the mesh re-links")
+    return PeerUnreachable(f"link to {remote_id[:8] or 'peer'} closed")
+
+
 class RpcEndpoint:
     """One side of an RPC session over ``transport``. ``await start()`` before use; ``await close()`` ends
     it (and closes the transport)."""
@@ -157,6 +164,7 @@ class RpcEndpoint:
         self.on_close: list[Callable[[], None]] = []
         self._closed = False
         self._close_reason = ""
+        self._close_type: type[PeerUnreachable] = PeerUnreachable
         self._next_id = 0
         self._pending: dict[int, asyncio.Future[Message] | _StreamState] = {}
         self._incoming: dict[int, _Incoming] = {}
@@ -194,13 +202,15 @@ class RpcEndpoint:
 
     def _closed_error(self) -> PeerUnreachable:
         # A fresh exception per raise: one instance raised in many tasks would pile up their tracebacks.
-        return PeerUnreachable(self._close_reason or "RPC endpoint closed")
+        # A link that died gives LinkLost (retryable), any other close PeerUnreachable.
+        return self._close_type(self._close_reason or "RPC endpoint closed")
 
     def _teardown(self, error: MeshError) -> None:
         if self._closed:
             return
         self._closed = True
         self._close_reason = str(error)
+        self._close_type = LinkLost if isinstance(error, LinkLost) else PeerUnreachable
         me = asyncio.current_task()
         for t in (*self._tasks, self._reader):
             if t is not None and t is not me:
@@ -238,8 +248,8 @@ class RpcEndpoint:
             self._check_open()
             try:
                 await self.transport.send(data)
-            except LinkClosed:
-                self._teardown(PeerUnreachable(f"link to {self.remote_id[:8] or 'peer'} closed"))
+            except LinkClosed as exc:
+                self._teardown(_link_closed_error(self.remote_id, exc))
                 raise self._closed_error() from None
             self.stats.frames_out += 1
             self.stats.bytes_out += len(data)
@@ -358,8 +368,8 @@ class RpcEndpoint:
                     # A bug here must not take the link down with it; count it like a bad frame.
                     self.stats.bad_frames += 1
                     log.exception("RPC dispatch failed for a %s frame", frame.kind)
-        except LinkClosed:
-            pass
+        except LinkClosed as exc:
+            error = _link_closed_error(self.remote_id, exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -16,6 +16,11 @@ class LinkClosed(ConnectionError):
     """The transport is closed: nothing more can be sent or received on it."""
 
 
+class LinkDied(LinkClosed):
+    """The transport closed because its link died (missed pings, a broken connection), not because
+    either side closed it: the layers above report :class:`~gradient_nb.mesh.errors.LinkLost`."""
+
+
 @runtime_checkable
 class Transport(Protocol):
     max_message_size: int

@@ -241,3 +241,75 @@ async def test_dht_over_eight_peers(procs) -> None:
 async def _no_providers(mesh, pid: str, key: str):
     found = (await mesh.call(pid, "diag.find", Message({"key": key}), timeout=30)).header
     return found["providers"] == []
+
+
+async def test_direct_tcp_links_between_processes_and_a_rewritten_address(procs) -> None:
+    """Peers that reach each other's advertised address link over TCP/TLS (``direct-tcp`` in links(),
+    the published records and the snapshot), and calls work over it. When the address a peer dials
+    leads to someone else's listener (a man in the middle rewrote it), the dial fails the identity
+    check and the link is made another way (the signed offer's address, or WebRTC): the rogue
+    never gets a link. A peer without a listener links over WebRTC."""
+    from gradient_nb.mesh.direct import DirectEndpoint
+
+    _, url = procs.rendezvous()
+    child = procs.peer(url, "p0")
+    pid = (await read_event(child))["peer_id"]
+    mesh = await _join(url, "driver")
+    other = rogue = None
+    try:
+        await wait_for_peers(mesh, 2)
+        reply = await mesh.call(pid, "diag.echo", Message({"k": 7}, {"t": torch.arange(1000)}), timeout=20)
+        assert reply.header["k"] == 7 and torch.equal(reply.tensors["t"], torch.arange(1000))
+        assert mesh.links()[pid]["kind"] == "direct-tcp" and not mesh.links()[pid]["relayed"]
+
+        async def published() -> bool:
+            snap = mesh.snapshot()
+            return any(lk["kind"] == "direct-tcp" for lk in snap["links"]) and \
+                all(lk["kind"] == "direct-tcp" for lk in snap["links"])
+
+        await _eventually(published, 10, "both ends to publish a direct-tcp link")
+
+        # A rogue listener with its own identity; the next peer's advertised address points at it.
+        async def grab(link) -> None:
+            grabbed.append(link)
+            await link.close()
+
+        grabbed: list = []
+        rogue = DirectEndpoint(Identity.generate(), mesh="default", secret=None, accept=lambda p: True,
+                               on_link=grab)
+        await rogue.listen("127.0.0.1", 0)
+        other = await _join(url, "victim", eager_links=0, check_links=False)
+        other._direct.addresses = lambda: [f"127.0.0.1:{rogue.port}"]
+
+        async def echo(msg: Message, ctx) -> Message:
+            return Message(dict(msg.header))
+
+        other.offer("test.echo", echo)
+
+        async def advertised() -> bool:
+            return (mesh.state.peers().get(other.id) or {}).get("direct") == [f"127.0.0.1:{rogue.port}"]
+
+        await _eventually(advertised, 10, "the rewritten address to arrive")
+        reply = await mesh.call(other.id, "test.echo", Message({"k": 8}), timeout=60)
+        assert reply.header["k"] == 8
+        # Our dial failed the identity check. The link is either the victim's own dial to us (it
+        # dials the address in our signed offer, authenticated both ways) or WebRTC, depending on
+        # who asked first; never a direct link that we dialed, and the rogue got nothing.
+        kind = mesh.links()[other.id]["kind"]
+        assert kind in ("direct-tcp", "webrtc-direct"), kind
+        assert kind == "webrtc-direct" or not mesh._links[other.id].link.initiator
+        assert not grabbed
+        # A peer without a direct listener links over WebRTC, and says so.
+        plain = await _join(url, "plain", eager_links=0, check_links=False, direct=False)
+        try:
+            plain.offer("test.echo", echo)
+            assert (await mesh.call(plain.id, "test.echo", Message({"k": 9}), timeout=60)).header["k"] == 9
+            assert mesh.links()[plain.id]["kind"] == "webrtc-direct"
+        finally:
+            await plain.leave()
+    finally:
+        if other is not None:
+            await other.leave()
+        if rogue is not None:
+            await rogue.close()
+        await mesh.leave()

@@ -60,9 +60,11 @@ def check_quickstart(nb: Any) -> None:
     topo = [s["snapshot"] for s in states.values() if "snapshot" in s]
     assert topo and topo[-1]["joined"]
     assert sorted(p["name"] for p in topo[-1]["peers"] if not p["self"]) == ["volunteer-1", "volunteer-2"]
-    # Every peer served tokens (the metrics DataFrame, printed as text).
-    metrics = outputs_text(cell_with(nb, "nb.mesh.metrics()"))
-    assert "volunteer-1" in metrics and "volunteer-2" in metrics
+    # Every peer served tokens, counted already (the metrics DataFrame, printed as text).
+    metrics = outputs_text(cell_with(nb, "await nb.metrics()"))
+    for name in ("notebook", "volunteer-1", "volunteer-2"):
+        row = re.search(rf"{name}\s*┆\s*(\d+)", metrics)
+        assert row and int(row.group(1)) > 0, (name, metrics)
     # It left: the last cell printed an empty snapshot.
     assert "{'joined': False}" in outputs_text(nb.cells[-1])
 
@@ -91,7 +93,20 @@ def check_parallax(nb: Any) -> None:
     assert "{'joined': False}" in outputs_text(nb.cells[-1])
 
 
-CHECKS: dict[str, Callable[[Any], None]] = {"quickstart.ipynb": check_quickstart, "mesh.ipynb": check_mesh,
+def check_verify(nb: Any) -> None:
+    # The answer stays above the verification report (one verdict per shard) in the %%verify ask cell.
+    shown = "".join(str(o.get("data", {}).get("text/html", "")) for o in cell_with(nb, "%%verify ask").outputs)
+    assert "Paris" in shown and shown.index("Paris") < shown.index("<table"), shown
+    verdicts = outputs_text(cell_with(nb, "report.verdicts"))
+    assert "layers 0:15  pass" in verdicts and "layers 15:30  pass" in verdicts, verdicts
+    reputation = outputs_text(cell_with(nb, "%verify reputation"))
+    assert re.search(r"volunteer-1\s+1 pass\s+0 fail", reputation), reputation
+    assert "probability 0.05" in outputs_text(cell_with(nb, "%verify policy"))
+    assert "{'joined': False}" in outputs_text(nb.cells[-1])
+
+
+CHECKS: dict[str, Callable[[Any], None]] = {"verify.ipynb": check_verify,
+                                            "quickstart.ipynb": check_quickstart, "mesh.ipynb": check_mesh,
                                             "parallax.ipynb": check_parallax}
 
 

@@ -16,6 +16,13 @@ expected latency over whatever replicas exist, stitching across pipelines where 
 overlap. Inputs are measurements (free memory, a matmul probe, link RTT/bandwidth, queue depth),
 never a table of device names.
 
+Precision: each peer serves at one precision (`precision_name`: "float32", "bfloat16", "int8", ...),
+and its ``tflops`` is the throughput measured *at that precision* (`measure_precision_tflops`), since an
+int8 or nf4 peer on a CPU runs several times slower than its float32 matmul probe says. Whoever asks
+for tokens states which precisions it accepts (``route(..., precisions=)``); a peer announcing any
+other precision is never routed to, whatever it says about itself. The verifier then checks a stage
+at the limits of a precision that was accepted, never at ones the shard chose.
+
 This module is pure Python (torch only inside the two probes) so it can run anywhere, including
 on a peer that holds no model.
 """
@@ -43,8 +50,11 @@ __all__ = [
     "chain_latency",
     "measure_compute",
     "measure_free_memory",
+    "measure_precision_tflops",
     "model_cost_from_config",
     "moved_layers",
+    "parse_precision",
+    "precision_name",
     "replan",
     "route",
     "validate_allocation",
@@ -71,6 +81,44 @@ class PeerResources:
     peer_id: str
     free_memory_bytes: int
     tflops: float
+    precision: str = "float32"  # what it serves at (`precision_name`); ``tflops`` is measured at it
+
+
+# From the strictest verification limits to the loosest (verify.verifier's calibration): when a stage
+# must be checked at a precision the requester accepted, the strictest accepted one is used.
+PRECISIONS = ("float32", "float16", "nf4", "nf4+float16", "nf4+bfloat16", "bfloat16", "int8",
+              "int8+float16", "int8+bfloat16")
+_DTYPES = ("float32", "bfloat16", "float16")
+_QUANTS = ("int8", "nf4")
+
+
+def precision_name(dtype: str = "float32", quantization: str | None = None) -> str:
+    """One name for what a peer serves: the dtype, or the quantization (computing in float32), or
+    ``"<quantization>+<dtype>"``. Raises ValueError for anything the loader does not serve."""
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in _DTYPES or (quantization is not None and quantization not in _QUANTS):
+        raise ValueError(f"unknown precision: dtype {dtype!r}, quantization {quantization!r}")
+    if quantization is None:
+        return dtype
+    return quantization if dtype == "float32" else f"{quantization}+{dtype}"
+
+
+def parse_precision(name: str) -> tuple[str, str | None]:
+    """(dtype, quantization) of a `precision_name`; ValueError for an unknown name."""
+    quant, _, dtype = str(name).partition("+")
+    if quant in _DTYPES and not dtype:
+        return quant, None
+    dtype = dtype or "float32"
+    precision_name(dtype, quant)  # validates
+    return dtype, quant
+
+
+def strictest(precisions: Iterable[str]) -> str:
+    """The accepted precision with the tightest verification limits."""
+    known = [p for p in precisions if p in PRECISIONS]
+    if not known:
+        raise ValueError(f"no known precision among {sorted(precisions)!r}")
+    return min(known, key=PRECISIONS.index)
 
 
 @dataclass
@@ -131,6 +179,41 @@ def measure_compute(seconds: float = 0.3, device: str = "cpu", n: int = 512) -> 
     return matmul_tflops(device, seconds, n)
 
 
+def measure_precision_tflops(precision: str = "float32", device: str = "cpu", seconds: float = 0.3,
+                             n: int = 512) -> float:
+    """Throughput of one ``n`` x ``n`` linear layer stored and run at ``precision``, in TFLOP/s.
+
+    A quantized layer (bitsandbytes int8 / nf4) or a 16-bit one runs through other kernels than the
+    float32 matmul probe: on a CPU int8 is several times slower, bfloat16 faster or slower depending
+    on AMX. Phase 1 splits layers by this figure, for the precision each peer will serve.
+    """
+    import time
+
+    import torch
+
+    dtype, quant = parse_precision(precision)
+    layer = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)).to(getattr(torch, dtype))
+    if quant is not None:
+        from ..models.quantize import quantize_linears
+
+        quantize_linears(layer, quant, dtype=getattr(torch, dtype))
+    layer = layer.to(device)
+    x = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    with torch.inference_mode():
+        layer(x)  # warm-up: kernel selection, quantization state
+        sync()
+        runs, start = 0, time.perf_counter()
+        while True:
+            layer(x)
+            runs += 1
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+    return 2 * n**3 * runs / elapsed / 1e12
+
+
 def measure_free_memory(device: str = "cpu") -> int:
     """Bytes available now on ``device`` (what the registry publishes)."""
     from ..mesh.resources import free_memory
@@ -164,6 +247,8 @@ class Allocation:
     pipelines: list[list[Stage]] = field(default_factory=list)
     spare: list[str] = field(default_factory=list)
     extra: list[Stage] = field(default_factory=list)
+    precisions: list[str] = field(default_factory=list)  # what the mesh accepts for the model (empty: unstated)
+    line: list[str] = field(default_factory=list)  # the coordinator's succession line (serve.coordinator)
 
     @property
     def num_pipelines(self) -> int:
@@ -193,6 +278,8 @@ class Allocation:
             "pipelines": [[[st.peer_id, st.start, st.end] for st in p] for p in self.pipelines],
             "spare": list(self.spare),
             "extra": [[st.peer_id, st.start, st.end] for st in self.extra],
+            "precisions": list(self.precisions),
+            "line": list(self.line),
         }
 
     @classmethod
@@ -203,9 +290,13 @@ class Allocation:
             pipelines = [[Stage(str(p), int(s), int(e)) for p, s, e in pipe] for pipe in d["pipelines"]]
             spare = [str(x) for x in d.get("spare", [])]
             extra = [Stage(str(p), int(s), int(e)) for p, s, e in d.get("extra", [])]
+            precisions = [str(x) for x in d.get("precisions", [])]
+            line = [str(x) for x in d.get("line", [])]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed allocation: {exc}") from exc
-        alloc = cls(num_layers, pipelines, spare, extra)
+        if any(p not in PRECISIONS for p in precisions):
+            raise ValueError(f"malformed allocation: unknown precision in {precisions[:8]!r}")
+        alloc = cls(num_layers, pipelines, spare, extra, precisions, line)
         problems = _structure_problems(alloc)
         if problems:
             raise ValueError("malformed allocation: " + "; ".join(problems))
@@ -830,8 +921,8 @@ def chain_latency(chain: list[Stage], *, peers: Iterable[PeerResources] | Mappin
 def route(allocation: Allocation, num_layers: int, *,
           peers: Iterable[PeerResources] | Mapping[str, PeerResources], links: Iterable[LinkMeasure] | None,
           load: Mapping[str, int] | None, model_cost: ModelCost, prompt_tokens: int,
-          unknown_rtt_ms: float | None = None, enter_anywhere: bool = True, hop_overhead_s: float = 0.0
-          ) -> list[Stage]:
+          unknown_rtt_ms: float | None = None, enter_anywhere: bool = True, hop_overhead_s: float = 0.0,
+          precisions: Iterable[str] | None = None) -> list[Stage]:
     """Phase 2: the chain covering layers [0, num_layers) with the least `chain_latency`, plus
     ``hop_overhead_s`` per stage (what a call costs beyond RTT and compute: framing, RPC, scheduling;
     the engine measures it), so an extra hop must save more than it costs.
@@ -839,9 +930,13 @@ def route(allocation: Allocation, num_layers: int, *,
     Any peer holding a range may be entered at any layer boundary inside it (only at its first layer
     with ``enter_anywhere=False``) and runs to the end of its range, so replicas stitch where ranges
     overlap or abut. Peers absent from ``peers``
-    are taken as gone. Shortest path over (boundary, last peer) states, O(stages² · layers).
+    are taken as gone, and so are peers whose precision is not in ``precisions`` (None: any), the
+    precisions the requester accepts. Shortest path over (boundary, last peer) states, O(stages² · layers).
     """
     pm, lk, load = _as_peer_map(peers), _Links(links, unknown_rtt_ms), load or {}
+    if precisions is not None:
+        accepted = set(precisions)
+        pm = {pid: p for pid, p in pm.items() if p.precision in accepted}
     nodes = [st for st in allocation.stages() if st.peer_id in pm and st.end <= num_layers]
     xfer_bytes = model_cost.hidden_bytes_per_token * prompt_tokens
     per_layer = {st.peer_id: _compute_s(pm[st.peer_id], 1, model_cost, prompt_tokens, load.get(st.peer_id, 0))
@@ -877,8 +972,9 @@ class Router:
     on its peers until it is released, so simultaneous requests spread over replicas."""
 
     def __init__(self, allocation: Allocation, *, peers: Iterable[PeerResources], model_cost: ModelCost,
-                 links: Iterable[LinkMeasure] | None = None) -> None:
+                 links: Iterable[LinkMeasure] | None = None, precisions: Iterable[str] | None = None) -> None:
         self.allocation = allocation
+        self.precisions = None if precisions is None else set(precisions)
         self.peers = _as_peer_map(peers)
         self.links = list(links or [])
         self.model_cost = model_cost
@@ -890,7 +986,8 @@ class Router:
         for p, q in (extra_load or {}).items():
             load[p] = load.get(p, 0) + q
         chain = route(self.allocation, self.allocation.num_layers, peers=self.peers, links=self.links,
-                      load=load, model_cost=self.model_cost, prompt_tokens=prompt_tokens)
+                      load=load, model_cost=self.model_cost, prompt_tokens=prompt_tokens,
+                      precisions=self.precisions)
         for st in chain:
             self.load[st.peer_id] += 1
         return chain

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -89,12 +90,16 @@ def attach_commitments(server: Any) -> CommitmentObserver:
     return obs
 
 
-def attach_verification(engine: Any, policy: SamplingPolicy | None = None) -> VerifyManager:
-    """Verify a random sample of the requests a ``MeshEngine`` drives, and route around failed peers."""
+def attach_verification(engine: Any, policy: SamplingPolicy | None = None,
+                        accept: Sequence[str] | None = None) -> VerifyManager:
+    """Verify a random sample of the requests a ``MeshEngine`` drives, and route around failed peers and
+    peers serving a precision not in ``accept`` (default: the precisions the allocation states, else
+    float32); stages are checked at the limits of an accepted precision."""
     existing = next((o for o in engine.observers if isinstance(o, VerifyManager)), None)
     if existing is not None:
         return existing
-    vm = VerifyManager(engine.mesh, engine.path, engine.info.content_hash, engine.info.num_layers, policy=policy)
+    vm = VerifyManager(engine.mesh, engine.path, engine.info.content_hash, engine.info.num_layers, policy=policy,
+                       model_name=engine.model_name, accept=accept)
     engine.observers.append(vm)
     return vm
 

@@ -12,6 +12,18 @@ Because the recomputation starts from the very inputs the verified shard got, a 
 that shard: an upstream shard that cheated does not make an honest downstream one fail. On the last
 stage, which draws the tokens itself, each returned token is also checked against the recomputed
 logits and the sampling spec the entry sent (``verifier.check_draws``).
+
+The limits come from the requester, not the shard. The entry accepts a set of precisions (given to
+it, or stated by the coordinator's allocation); a shard announcing another is not routed to
+(:meth:`VerifyManager.avoided_peers`), and each stage is checked at the limits of the precision it was
+accepted at when the entry called it: its own if that was accepted, else the strictest accepted one.
+A shard that calls itself "int8" where float32 was asked for is held to float32.
+
+Helpers are held to account too (``policy``): a failing answer is always recomputed here, a passing
+one at the ``recheck`` rate, and at the ``canary`` rate a helper is also sent a past job whose answer
+this peer computed itself. Whenever a helper's answer meets one computed here, the helper gets a
+verdict as a verifier (``reputation``): a lying or lazy helper is failed, avoided for routing and not
+asked again, and helpers are asked best standing first.
 """
 
 from __future__ import annotations
@@ -32,16 +44,20 @@ from ..mesh.errors import MeshError
 from ..mesh.frames import Message
 from ..mesh.peer import Mesh
 from ..models.loader import ShardModel, load_shard
+from ..serve.coordinator import accepted_precisions, precision_of
 from ..serve.node import forward_one
+from ..serve.scheduler import parse_precision, strictest
 from .commitments import Binding
 from .policy import SamplingPolicy
-from .reputation import failed_peers, record_verdict
-from .verifier import Tolerance, Verdict, check_draws, recompute, verify_commitments
+from .reputation import failed_peers, record_verdict, reputations
+from .verifier import Tolerance, Verdict, agree, check_draws, recompute, verify_commitments
 
 log = logging.getLogger(__name__)
 
 VERIFY_TIMEOUT = 120.0
 MAX_COMMIT_RECORDS = 4096  # per audited stage: a flood of records from a shard is itself a failure
+KNOWN_JOBS = 4  # jobs of known answer kept per layer range and precision, for canaries
+DEFAULT_ACCEPT = frozenset({"float32"})  # when neither the requester nor the allocation states any
 
 
 @dataclass
@@ -57,6 +73,7 @@ class StageAudit:
     records: list[Any] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)  # positions whose output the shard returned
     draws: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)  # last stage: (pos, token, spec)
+    precision: str = "float32"  # checked at this precision's limits: one the requester accepted
     sampled: bool = False
     trimmed: bool = False  # inputs released (an older request; its sampled stages are done)
     complete: bool = False  # the session ended normally (its tail commitment was collected)
@@ -103,8 +120,11 @@ class VerifyManager:
 
     def __init__(self, mesh: Mesh, path: Any, model_hash: str, num_layers: int, *,
                  policy: SamplingPolicy | None = None, keep: int = 8, keep_inputs: int = 2,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", model_name: str | None = None, accept: Sequence[str] | None = None
+                 ) -> None:
         self.mesh = mesh
+        self.model_name = model_name
+        self.accept = frozenset(accept) if accept else None  # the requester's precisions; None: the mesh's
         self.path = path
         self.model_hash = model_hash
         self.num_layers = num_layers
@@ -117,6 +137,8 @@ class VerifyManager:
         self._shards: dict[tuple[int, int, str, str | None], ShardModel] = {}
         self._tasks: set[asyncio.Task] = set()
         self._failed_cache: tuple[float, set[str]] = (0.0, set())
+        # (start, end, precision) -> jobs recomputed here: (inputs, output), the canaries' answers
+        self._known: dict[tuple[int, int, str], deque[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.verify_s = 0.0  # wall time spent verifying, for the cost figures
         self.verified_tokens = 0
 
@@ -124,8 +146,26 @@ class VerifyManager:
     name = "verify"
 
     def avoided_peers(self) -> set[str]:
-        """Peers caught cheating: routing avoids them."""
-        return self.failed_peers()
+        """Peers routing avoids: caught cheating (as shards or helpers), or serving a precision the
+        requester does not accept."""
+        accepted = self.accepted()
+        wrong = {pid for pid, rec in self.mesh.state.peers().items()
+                 if isinstance(rec.get("serving"), dict) and precision_of(rec) not in accepted}
+        return self.failed_peers() | wrong
+
+    def accepted(self) -> frozenset[str]:
+        """The precisions this entry accepts: its own requester's, else the allocation's, else float32."""
+        if self.accept:
+            return self.accept
+        stated = accepted_precisions(self.mesh, self.model_name) if self.model_name else None
+        return frozenset(stated) if stated else DEFAULT_ACCEPT
+
+    def _precision_for(self, peer: str) -> str:
+        """The precision a stage on ``peer`` is held to: its announced one if accepted, else the
+        strictest accepted (it was never the shard's to choose)."""
+        accepted = self.accepted()
+        announced = precision_of(self.mesh.state.peers().get(peer) or {})
+        return announced if announced in accepted else strictest(accepted)
 
     def finish(self, audit: RequestAudit, tokens: int, generate_s: float, dropped: asyncio.Future) -> None:
         audit.tokens, audit.generate_s = tokens, generate_s
@@ -151,6 +191,8 @@ class VerifyManager:
     def on_call(self, audit: RequestAudit, peer: str, start: int, end: int, session: str, pos: int,
                 x: torch.Tensor, header: dict[str, Any]) -> None:
         s = audit.stage(peer, start, end, session, end == self.num_layers)
+        if not s.inputs:
+            s.precision = self._precision_for(peer)  # fixed when the shard was called, not when verified
         s.inputs.append((pos, x))
         n = x.shape[0]
         s.positions.extend([pos + n - 1] if s.is_last else range(pos, pos + n))
@@ -218,40 +260,42 @@ class VerifyManager:
             inputs = s.sequence()
         except ValueError as exc:
             return Verdict(s.peer, s.start, s.end, binding.request, "incomplete", str(exc))
-        rec = self.mesh.state.peers().get(s.peer, {}).get("serving") or {}
-        dtype, quant = str(rec.get("dtype") or "float32"), rec.get("quantization")
-        tol = Tolerance.for_precision(dtype, quant)
-        ref, by = None, None
-        helper = None if s.is_last else self._other_holder(s)
-        if helper is not None:
+        tol = Tolerance.for_precision(*parse_precision(s.precision))
+
+        def judge(ref: torch.Tensor) -> Verdict:
+            v = verify_commitments(ref, s.records, binding, peer=s.peer, tol=tol, expected_positions=s.positions)
+            if v.ok and s.draws:
+                reason = check_draws(ref, s.draws, tol)
+                if reason:
+                    v.status, v.reason = "fail", f"a token it returned was not drawn from its logits: {reason}"
+            return v
+
+        v, by, mine = None, None, None
+        for helper in ([] if s.is_last else self._helpers(s))[:2]:
+            if self.policy.draw_canary() and not await self._canary_passes(helper, s, tol):
+                continue  # caught on a job of known answer: ask the next helper, or recompute here
             try:
-                ref, by = await self._recompute_remote(helper, s, inputs), helper[:8]
+                theirs = await self._recompute_remote(helper, s.start, s.end, inputs)
             except (MeshError, TimeoutError, KeyError, ValueError) as exc:
-                log.info("remote recomputation on %s failed (%s); recomputing here", helper[:8], exc)
-        if ref is None:
-            shard = await asyncio.to_thread(self._shard, s.start, s.end, dtype, quant)
-            ref = await asyncio.to_thread(recompute, shard, inputs)
-        v = await asyncio.to_thread(verify_commitments, ref, s.records, binding, peer=s.peer, tol=tol,
-                                    expected_positions=s.positions)
-        if v.ok and s.draws:
-            reason = await asyncio.to_thread(check_draws, ref, s.draws, tol)
-            if reason:
-                v.status, v.reason = "fail", f"a token it returned was not drawn from its logits: {reason}"
-        if by is not None and v.status == "fail":
-            # Before blaming the shard on a helper's word, recompute here: a helper that lies (to frame
-            # a peer, or because it cheats on its own work) is caught instead.
-            shard = await asyncio.to_thread(self._shard, s.start, s.end, dtype, quant)
-            mine = await asyncio.to_thread(recompute, shard, inputs)
-            v = await asyncio.to_thread(verify_commitments, mine, s.records, binding, peer=s.peer, tol=tol,
-                                        expected_positions=s.positions)
-            if v.ok:
-                log.warning("helper %s recomputed layers %d..%d wrongly", by, s.start, s.end)
-                record_verdict(self.mesh, Verdict(helper, s.start, s.end, f"{self.mesh.id}/verify-{s.session}", "fail",
-                                                  "its recomputation for a verifier was wrong").summary())
-                self._failed_cache = (0.0, set())
-                by = None
+                log.info("remote recomputation on %s failed (%s)", helper[:8], exc)
+                continue
+            v = await asyncio.to_thread(judge, theirs)
+            if v.status == "fail" or self.policy.draw_recheck():
+                # A failure is never taken on a helper's word (it may frame the shard), and a pass is
+                # spot-checked (it may launder a partner's work): recompute here, and judge the helper.
+                mine = await self._recompute_local(s, inputs)
+                self._judge_helper(helper, s, theirs, mine, tol, "a spot-check here")
+                if helper in self.failed_peers():
+                    v = None
+                    break  # its verdict is worthless; the stage is judged on our recomputation below
+                by = f"{helper[:8]}, confirmed here"
             else:
-                by = f"{by[:8]}, confirmed here"
+                by = helper[:8]
+            break
+        if v is None:
+            if mine is None:
+                mine = await self._recompute_local(s, inputs)
+            v = await asyncio.to_thread(judge, mine)
         v.verify_s = time.perf_counter() - t0
         self.verify_s += v.verify_s
         self.verified_tokens += inputs.shape[0]
@@ -259,10 +303,48 @@ class VerifyManager:
             v.reason = (v.reason + f" (recomputed by {by})").strip()
         return v
 
-    def _other_holder(self, s: StageAudit) -> str | None:
-        """A ready peer, other than the verified one and not failed, that can run these layers."""
+    async def _recompute_local(self, s: StageAudit, inputs: torch.Tensor) -> torch.Tensor:
+        dtype, quant = parse_precision(s.precision)
+        shard = await asyncio.to_thread(self._shard, s.start, s.end, dtype, quant)
+        ref = await asyncio.to_thread(recompute, shard, inputs)
+        if not s.is_last:  # a hidden-state job of known answer: a future canary for this range
+            jobs = self._known.setdefault((s.start, s.end, s.precision), deque(maxlen=KNOWN_JOBS))
+            jobs.append((inputs, ref))
+        return ref
+
+    async def _canary_passes(self, helper: str, s: StageAudit, tol: Tolerance) -> bool:
+        """Send ``helper`` a job whose answer is known here (one more fresh prefill to it); False if it
+        answered wrongly (it is then failed as a verifier). Without a known job yet, True."""
+        jobs = self._known.get((s.start, s.end, s.precision))
+        if not jobs:
+            return True
+        inputs, known = jobs[secrets.randbelow(len(jobs))]
+        try:
+            theirs = await self._recompute_remote(helper, s.start, s.end, inputs)
+        except (MeshError, TimeoutError, KeyError, ValueError) as exc:
+            log.info("canary on %s failed to run (%s)", helper[:8], exc)
+            return False
+        self._judge_helper(helper, s, theirs, known, tol, "a job whose answer was known")
+        return helper not in self.failed_peers()
+
+    def _judge_helper(self, helper: str, s: StageAudit, theirs: torch.Tensor, mine: torch.Tensor, tol: Tolerance,
+                      how: str) -> None:
+        """A verdict on ``helper`` as a verifier: its recomputation against one made (or known) here."""
+        why = agree(mine, theirs, tol)
+        if why:
+            log.warning("helper %s recomputed layers %d..%d wrongly (%s)", helper[:8], s.start, s.end, why)
+        verdict = Verdict(helper, s.start, s.end, f"{self.mesh.id}/verify-{s.session}", "fail" if why else "pass",
+                          f"its recomputation for a verifier was wrong, caught by {how}: {why}" if why else
+                          f"its recomputation for a verifier matched {how}")
+        record_verdict(self.mesh, verdict.summary(), role="verifier")
+        self._failed_cache = (0.0, set())
+
+    def _helpers(self, s: StageAudit) -> list[str]:
+        """Ready peers, other than the verified one and not failed, that serve these layers at the stage's
+        precision: best standing as verifiers first (by evidence this peer accepts)."""
         bad = self.failed_peers()
-        mine = self.mesh.state.peers().get(s.peer, {}).get("serving") or {}
+        standing = reputations(self.mesh)
+        out = []
         for pid, rec in self.mesh.state.peers().items():
             srv = rec.get("serving")
             if pid in (s.peer, self.mesh.id) or pid in bad or not isinstance(srv, dict):
@@ -270,18 +352,18 @@ class VerifyManager:
             held = srv.get("layers")
             # It can run the stage if it holds its layers and ends where it ends (chains enter mid-range).
             if isinstance(held, list) and len(held) == 2 and held[0] <= s.start and held[1] == s.end \
-                    and srv.get("ready") and srv.get("hash") == self.model_hash \
-                    and srv.get("dtype") == mine.get("dtype") and srv.get("quantization") == mine.get("quantization"):
-                return pid
-        return None
+                    and srv.get("ready") and srv.get("hash") == self.model_hash and precision_of(rec) == s.precision:
+                out.append(pid)
+        rep = {p: standing[p].verifier_score if p in standing else 0.5 for p in out}
+        return sorted(out, key=lambda p: (-rep[p], secrets.randbelow(1 << 16)))
 
-    async def _recompute_remote(self, peer: str, s: StageAudit, inputs: torch.Tensor) -> torch.Tensor:
+    async def _recompute_remote(self, peer: str, start: int, end: int, inputs: torch.Tensor) -> torch.Tensor:
         # A fresh session and the whole sequence as one prefill: the same call as any new request.
         session = secrets.token_hex(8)
         model = (self.mesh.state.peers().get(peer, {}).get("serving") or {}).get("model")
         try:
             reply = await self.mesh.call(peer, "shard.forward", Message(
-                {"model": model, "start": s.start, "end": s.end,
+                {"model": model, "start": start, "end": end,
                  "items": [{"session": session, "pos": 0, "n": int(inputs.shape[0])}]}, {"x": inputs}),
                 timeout=VERIFY_TIMEOUT)
         finally:

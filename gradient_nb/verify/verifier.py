@@ -28,7 +28,7 @@ import torch
 
 from ..models.loader import ShardModel
 from ..serve.sampling import draw_scores, nucleus
-from .commitments import Binding, Commitment, open_all
+from .commitments import TOPK, Binding, Commitment, open_all
 
 
 @dataclass(frozen=True)
@@ -224,6 +224,23 @@ def row_stats(rows: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
     mine = rows.abs().topk(k, dim=-1).indices
     overlap = (mine[:, :, None] == indices[:, None, :]).any(-1).float().mean(-1)
     return err, overlap
+
+
+def agree(reference: torch.Tensor, other: torch.Tensor, tol: Tolerance, k: int = TOPK) -> str:
+    """Why ``other`` (a helper's recomputation) is not an honest computation of ``reference``, or "".
+
+    It is judged exactly as a shard's commitments would be: its top-``k`` entries of every row,
+    against the reference, under the same per-precision limits (``compare``)."""
+    if other.shape != reference.shape:
+        return f"shape {tuple(other.shape)} where {tuple(reference.shape)} was expected"
+    other = other.float()
+    idx = other.abs().topk(min(k, other.shape[-1]), dim=-1).indices
+    err, overlap = row_stats(reference, idx, other.gather(-1, idx))
+    if not (torch.isfinite(err).all() and float(err.max()) <= tol.max_err and float(err.mean()) <= tol.mean_err
+            and float(overlap.min()) >= tol.min_overlap and float(overlap.mean()) >= tol.mean_overlap):
+        return (f"max err {float(err.max()):.3g} (limit {tol.max_err}), mean err {float(err.mean()):.3g} "
+                f"(limit {tol.mean_err}), top-k overlap min {float(overlap.min()):.2f}")
+    return ""
 
 
 def verify_commitments(reference: torch.Tensor, records: Sequence[Any], binding: Binding, *, peer: str,

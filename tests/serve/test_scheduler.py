@@ -479,3 +479,123 @@ def test_model_cost_from_config_matches_real_parameters() -> None:
     assert cost.num_layers == 3
     assert cost.kv_bytes_per_token_per_layer == 2 * 2 * 16 * 4
     assert torch.float32.itemsize == 4
+
+
+# ----------------------------------------------------------------------------- precision, coordinator
+
+
+def test_route_only_to_accepted_precisions() -> None:
+    cost = ModelCost(4, 10, 0, 0, 0, 1e9, 10)
+    alloc = Allocation(4, [[Stage("fast-int8", 0, 4)], [Stage("slow-fp32", 0, 4)]])
+    peers = [PeerResources("fast-int8", 1, 100.0, "int8"), PeerResources("slow-fp32", 1, 1.0)]
+    kw = {"peers": peers, "links": [], "load": {}, "model_cost": cost, "prompt_tokens": 4}
+    assert route(alloc, 4, **kw) == [Stage("fast-int8", 0, 4)]  # whoever asks for nothing gets the fastest
+    assert route(alloc, 4, precisions={"float32"}, **kw) == [Stage("slow-fp32", 0, 4)]
+    with pytest.raises(RuntimeError, match="no live chain"):
+        route(alloc, 4, precisions={"bfloat16"}, **kw)
+    assert sch.precision_name("float32", "nf4") == "nf4" and sch.parse_precision("int8+bfloat16") == ("bfloat16", "int8")
+    assert sch.strictest({"int8", "bfloat16", "float32"}) == "float32"
+    with pytest.raises(ValueError):
+        sch.precision_name("int3")
+
+
+def test_precision_probe_measures_each_precision() -> None:
+    for p in ("float32", "bfloat16", "int8"):
+        assert sch.measure_precision_tflops(p, seconds=0.02, n=128) > 0
+
+
+class _Mesh:
+    """What the coordinator needs of a Mesh: its id and its (real) replicated state."""
+
+    def __init__(self, identity, record: dict | None = None) -> None:
+        from gradient_nb.mesh.state import MeshState
+
+        self.identity, self.id = identity, identity.peer_id
+        self.state = MeshState(identity)
+        self.state.heartbeat({"free_memory_bytes": 10**9, "tflops": 1.0, **(record or {})})
+
+
+def _serving(precision: str = "float32") -> dict:
+    dtype, quant = sch.parse_precision(precision)
+    return {"serving": {"model": "m", "hash": "h", "dtype": dtype, "quantization": quant, "layers": None,
+                        "ready": False, "fixed_layers": None, "memory_cap_bytes": None}}
+
+
+def _sync_all(*meshes) -> None:
+    for dst in meshes:
+        for src in meshes:
+            if src is not dst:
+                if hasattr(dst.state, "receive"):
+                    dst.state.receive(src.state.export())
+                else:
+                    dst.state.doc.apply_update(src.state.doc.get_update())
+
+
+COST = ModelCost(8, 1000, 1000, 1000, 1, 1e9, 16)
+
+
+def test_a_freshly_ground_lowest_id_does_not_become_coordinator() -> None:
+    from gradient_nb.mesh.identity import Identity
+    from gradient_nb.serve.coordinator import SERVE_NS, Coordinator, allocation_of, coordinator_of
+
+    honest = [_Mesh(Identity.generate(), _serving()) for _ in range(3)]
+    coords = [Coordinator(m, "m", COST) for m in honest]
+    for _ in range(3):  # a few rounds: note who serves, vote, plan
+        _sync_all(*honest)
+        for c in coords:
+            c.step()
+    _sync_all(*honest)
+    incumbent = coordinator_of(honest[0], "m")
+    assert incumbent == min(m.id for m in honest)  # peers that started together: nobody is senior
+    assert all(coordinator_of(m, "m") == incumbent for m in honest)
+    plan = allocation_of(honest[0], "m")
+    assert plan is not None and {st.peer_id for st in plan.stages()} | set(plan.spare) == {m.id for m in honest}
+
+    # A newcomer grinds an id below everyone's, serves, votes for itself and publishes its own plan.
+    while (ident := Identity.generate()).peer_id > incumbent:
+        pass
+    sybil = _Mesh(ident, _serving())
+    grab = Allocation(8, [[Stage(sybil.id, 0, 8)]], precisions=["int8"], line=[sybil.id])
+    sybil.state.put(SERVE_NS, "follow-m", {"coordinator": sybil.id, "line": [sybil.id]})
+    sybil.state.put(SERVE_NS, "alloc-m", grab.to_dict())
+    fresh = _Mesh(Identity.generate())  # an entry that joins after it: no history of its own
+    everyone = [*honest, sybil, fresh]
+    for _ in range(2):
+        _sync_all(*everyone)
+        for c in coords:
+            c.step()
+    _sync_all(*everyone)
+    for m in [*honest, fresh]:
+        assert coordinator_of(m, "m") == incumbent
+        alloc = allocation_of(m, "m")
+        assert alloc is not None and alloc.precisions == ["float32"] and sybil.id in alloc.spare + [
+            st.peer_id for st in alloc.stages()]  # the incumbent places it like anyone else
+
+    # The incumbent leaves: its succession line, copied into every follower's vote, names an honest heir.
+    gone = next(m for m in honest if m.id == incumbent)
+    gone.state.remove_self()
+    rest = [m for m in everyone if m is not gone]
+    _sync_all(gone, *rest)
+    heir = coordinator_of(fresh, "m")
+    assert heir != sybil.id and heir in {m.id for m in honest} - {incumbent}
+    assert all(coordinator_of(m, "m") == heir for m in rest if m is not sybil)
+
+
+def test_phase_1_uses_throughput_at_the_served_precision_and_accepted_precisions_only() -> None:
+    from gradient_nb.mesh.identity import Identity
+    from gradient_nb.serve.coordinator import SERVE_NS, Coordinator
+
+    a, b = _Mesh(Identity.generate(), _serving()), _Mesh(Identity.generate(), _serving())
+    q = _Mesh(Identity.generate(), _serving("int8"))
+    # Measured at the precision each serves: b runs 3x a's speed (the registry's float32 probes are equal).
+    a.state.put(SERVE_NS, "rate-m", {"precision": "float32", "tflops": 1.0})
+    b.state.put(SERVE_NS, "rate-m", {"precision": "float32", "tflops": 3.0})
+    q.state.put(SERVE_NS, "rate-m", {"precision": "int8", "tflops": 50.0})
+    _sync_all(a, b, q)
+    c = Coordinator(a, "m", ModelCost(8, 10**8, 10**8, 10**8, 1, 1e9, 16))
+    alloc = c.plan_once()
+    assert alloc.precisions == ["float32"] and q.id not in alloc.spare + [st.peer_id for st in alloc.stages()]
+    # Memory holds 4.5 layers per peer at most: the two float32 peers form one pipeline, split by speed.
+    (pipe,) = alloc.pipelines
+    n = {st.peer_id: st.num_layers for st in pipe}
+    assert n[b.id] > n[a.id]

@@ -217,13 +217,15 @@ def explain_failure(local: IceConfig, local_candidates: Iterable[Any], remote_ca
         return any(c.type == "host" and not _non_relayable(_host(c)) for c in cands)
 
     lt, rt = types(loc), types(rem)
-    if "relay" in lt or "relay" in rt:
-        return ("A TURN relay was available but the link still failed: the relay may have dropped "
-                "mid-way, or a firewall blocks the relay's ports; check the TURN server's log.")
-    if local.turn:
+    # This end's own candidates first: a relay candidate on the other side must not hide that
+    # this side's TURN server gave none.
+    if local.turn and "relay" not in lt:
         return (f"TURN is configured ({local.turn}) but no relay candidate was obtained here: the TURN "
                 "server is unreachable from this network or refused the credentials. If UDP is blocked, "
                 "add TCP/TLS URLs as turn_fallbacks (turn:HOST:3478?transport=tcp, turns:HOST:5349).")
+    if "relay" in lt or "relay" in rt:
+        return ("A TURN relay was available but the link still failed: the relay may have dropped "
+                "mid-way, or a firewall blocks the relay's ports; check the TURN server's log.")
     if local.stun and "srflx" not in lt and not public(loc):
         return (f"No public address was learned from STUN ({local.stun}): outbound UDP looks blocked here. "
                 "Direct links cannot work; a TURN server reachable over TCP or TLS is needed "

@@ -79,3 +79,13 @@ def test_relays_on_public_servers_skip_private_peers() -> None:
     assert not relay_can_reach("203.0.113.9", "fe80::1")
     assert relay_can_reach("198.51.100.1", "198.51.100.12")
     assert relay_can_reach("192.168.1.5", "192.168.1.7")  # a TURN server on the LAN itself
+
+
+def test_own_missing_relay_is_named_before_the_remote_relay() -> None:
+    """Issue 17 item 6: a remote relay candidate used to hide that this end obtained none."""
+    ice = IceConfig(stun=STUN.stun, turn="turn:198.51.100.1:3478?transport=udp", turn_username="u", turn_password="p")
+    text = explain_failure(ice, [cand("host", "10.3.0.2")], [cand("host", "10.2.0.2"), cand("relay", "198.51.100.1")])
+    assert "no relay candidate was obtained here" in text
+    both = explain_failure(ice, [cand("host", "10.3.0.2"), cand("relay", "198.51.100.1", 7000)],
+                           [cand("relay", "198.51.100.1")])
+    assert "relay was available" in both

@@ -2,17 +2,14 @@
 
 It starts the rendezvous in this process, launches headless peers as separate processes, joins as one
 more peer, then exercises what the mesh does (links, calls with tensors, streams, replicated state, the
-DHT) and prints a short report.
+DHT) and prints a short report. The process helpers live in ``processes.py`` (re-exported here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,39 +18,10 @@ import torch
 from .frames import Message
 from .identity import Identity
 from .peer import Mesh, join
+from .processes import read_event, spawn_peer, stop_processes
 from .rendezvous import Rendezvous
 
-
-def spawn_peer(url: str, *, name: str, mesh: str = "default", extra: list[str] | None = None,
-               env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``gradient-nb peer`` as a child process; its first stdout line is a JSON 'joined' event."""
-    cmd = [sys.executable, "-m", "gradient_nb.cli", "peer", "--rendezvous", url, "--mesh", mesh,
-           "--name", name, "--ephemeral", *(extra or [])]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
-
-
-async def read_event(proc: subprocess.Popen, timeout: float = 60.0) -> dict:
-    """The next JSON event line a child peer prints."""
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
-    if not line:
-        err = proc.stderr.read() if proc.stderr else ""
-        raise RuntimeError(f"peer process exited (code {proc.poll()}): {err[-2000:]}")
-    return json.loads(line)
-
-
-def stop_processes(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+__all__ = ["read_event", "run_demo", "spawn_peer", "stop_processes", "wait_for_peers"]
 
 
 async def wait_for_peers(mesh: Mesh, count: int, timeout: float = 60.0) -> None:

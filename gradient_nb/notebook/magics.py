@@ -15,7 +15,9 @@ import argparse
 import ast
 import asyncio
 import html
+import logging
 import shlex
+import socket
 import time
 from collections.abc import Generator
 from typing import Any
@@ -25,7 +27,10 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.display import display
 
-from .session import NotebookSession, current, when_done
+from ..mesh.errors import MeshError
+from .session import NOT_JOINED, NotebookSession, SessionError, current, when_done
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SERVE_KEYS", "AskCell", "GradientMagics", "parse_serve_config"]
 
@@ -56,6 +61,8 @@ def _join_parser() -> _Parser:
     p.add_argument("--ephemeral", action="store_true")
     p.add_argument("--heartbeat", type=float, default=2.0)
     p.add_argument("--peer-timeout", type=float, default=10.0)
+    p.add_argument("--host", default=None,
+                   help="without URL: the address the local rendezvous listens on (default 127.0.0.1)")
     return p
 
 
@@ -77,6 +84,8 @@ def _ask_parser() -> _Parser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--background", action="store_true",
                    help="return at once; the answer streams into the cell while other cells run")
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="without a route, wait this long for one (default: fail at once, saying why)")
     return p
 
 
@@ -164,9 +173,38 @@ def _status(text: str) -> str:
     return f"<b>gradient-nb</b>: {text}"
 
 
+def short_message(exc: BaseException) -> str | None:
+    """The one line to show for an expected failure; ``None`` for a bug (its traceback is worth seeing)."""
+    if isinstance(exc, (SessionError, UsageError)):
+        return str(exc)
+    if isinstance(exc, MeshError):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, TimeoutError):
+        return f"timed out: {exc}" if str(exc) else "timed out"
+    return None
+
+
 def _error_html(what: str, exc: BaseException) -> str:
-    return _status(f"<span style='color:#c62828'>{html.escape(what)}: {html.escape(type(exc).__name__)}: "
-                   f"{html.escape(str(exc))}</span>")
+    short = short_message(exc)
+    text = short if short is not None else f"{type(exc).__name__}: {exc}"
+    return _status(f"<span style='color:#c62828'>{html.escape(what)}: {html.escape(text)}</span>")
+
+
+def _usage(exc: BaseException) -> UsageError:
+    """``exc`` as IPython's one-line error (no traceback in the cell; the traceback goes to the log)."""
+    log.info("%s", exc, exc_info=exc)
+    return UsageError(short_message(exc) or str(exc))
+
+
+def _lan_address() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere, only picks an interface
+            addr = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if addr.startswith("127.") else addr
 
 
 class AskCell:
@@ -181,18 +219,34 @@ class AskCell:
     the plain ``await`` below, and the token loop's ``finally`` frees the route and the peers' caches.
     """
 
-    def __init__(self, task: asyncio.Task, follow: bool) -> None:
+    def __init__(self, task: asyncio.Task, follow: bool, tokens: Any = None) -> None:
         self.task = task
         self.follow = follow  # False with --background: the cell returns at once
+        self.tokens = tokens or (lambda: 0)  # how many tokens arrived (for the interrupt's message)
+        self.awaited = False  # True once a cell follows it: that cell shows the request's error
 
     def __await__(self) -> Generator[Any, None, None]:
         return self._follow().__await__()
 
     async def _follow(self) -> None:
-        if self.follow:
+        if not self.follow:
+            return
+        self.awaited = True
+        try:
             # Not shielded, on purpose: cancelling the cell cancels the request. The text is not
             # returned: the cell's widget shows it already, and a result would be shown a second time.
             await self.task
+        except asyncio.CancelledError:
+            # The interrupt (ipykernel turns SIGINT into this cell's cancellation). The cell still ends
+            # with an error, as the user asked; IPython would print the CancelledError's traceback
+            # through its own internals, so the cell ends with one line instead.
+            self.task.cancel()
+            raise UsageError(f"interrupted: the answer was cancelled after {self.tokens()} tokens "
+                             "(it stays above); serving goes on") from None
+        except Exception as exc:
+            if short_message(exc) is None:
+                raise
+            raise _usage(exc) from None
 
     def _ipython_display_(self) -> None:
         # Not awaited (``run_cell_magic`` from code, a terminal IPython): the request goes on in the
@@ -265,6 +319,21 @@ class AwaitAskCells:
         return _ask_call(shell.input_transformer_manager.transform_cell(code)) == call
 
 
+def _local_mesh_note(s: NotebookSession, ns: argparse.Namespace) -> str:
+    """What the join's status line says about a local mesh: who can join it, and how."""
+    rv = s.rendezvous
+    port = rv.port
+    if rv.host in ("127.0.0.1", "localhost", "::1"):
+        return ("; a local mesh, on loopback: only this machine can join "
+                f"(<code>gradient-nb peer --rendezvous ws://127.0.0.1:{port}</code>). For other machines, "
+                "<code>%mesh leave</code> and <code>%mesh join --host 0.0.0.0 --secret S</code>")
+    addr = rv.host if rv.host not in ("0.0.0.0", "", "::") else _lan_address()
+    url = f"ws://{addr}:{port}" if addr else f"ws://THIS-MACHINE:{port}"
+    secret = "" if ns.secret else " (no --secret: anyone who reaches the port can join)"
+    return (f"; a local mesh: others join with <code>gradient-nb peer --rendezvous {html.escape(url)}"
+            f"{' --secret S' if ns.secret else ''}</code>{secret}")
+
+
 @magics_class
 class GradientMagics(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
@@ -278,10 +347,11 @@ class GradientMagics(Magics):
 
         %mesh join [URL] [--mesh NAME] [--name NAME] [--secret S] [--ephemeral]
                    [--stun URL] [--turn URL --turn-user U --turn-password P]
-                   [--heartbeat SECONDS] [--peer-timeout SECONDS]
+                   [--heartbeat SECONDS] [--peer-timeout SECONDS] [--host ADDRESS]
             Join the mesh introduced by the rendezvous at URL (ws://host:port). Without URL, start a
-            local mesh in this kernel (an embedded rendezvous) and join it; its URL is shown so that
-            other machines can join with `gradient-nb peer --rendezvous URL`. --ephemeral uses a
+            local mesh in this kernel (an embedded rendezvous) and join it. It listens on loopback, so
+            only this machine can join, unless --host 0.0.0.0 (or an address of this machine) opens it
+            to others: then the URL they join with is shown (set --secret too). --ephemeral uses a
             throwaway identity instead of your persistent key.
         %mesh spawn N [--serve MODEL] [--layers S:E,S:E,...] [--memory-cap SIZE] [--name PREFIX]
             Start N headless peers on this machine (`gradient-nb peer` processes) that join this
@@ -329,6 +399,7 @@ class GradientMagics(Magics):
             from .monitor import MeshMonitor
 
             s.mesh_monitor = MeshMonitor(s).show()
+            s.monitors.append(s.mesh_monitor)
             return None
         if cmd == "leave":
             if rest:
@@ -353,12 +424,15 @@ class GradientMagics(Magics):
             raise UsageError(f"the rendezvous URL must start with ws:// or wss://, not {ns.url!r}")
         if ns.heartbeat <= 0 or ns.peer_timeout <= ns.heartbeat:
             raise UsageError("--heartbeat must be > 0 and --peer-timeout longer than it")
+        if ns.host is not None and ns.url is not None:
+            raise UsageError("--host is for a local mesh (no URL): it is where its rendezvous listens")
         ice = IceConfig(stun=ns.stun, turn=ns.turn, turn_username=ns.turn_user, turn_password=ns.turn_password)
         out = widgets.HTML(_status("joining…" if ns.url else "starting a local mesh…"))
         try:
             task = s.start_join(ns.url, mesh=ns.mesh, name=ns.name, secret=ns.secret, ice=ice,
-                                ephemeral=ns.ephemeral, heartbeat=ns.heartbeat, peer_timeout=ns.peer_timeout)
-        except RuntimeError as exc:
+                                ephemeral=ns.ephemeral, heartbeat=ns.heartbeat, peer_timeout=ns.peer_timeout,
+                                host=ns.host)
+        except SessionError as exc:
             raise UsageError(str(exc)) from None
         display(out)
 
@@ -369,8 +443,7 @@ class GradientMagics(Magics):
                 out.value = _error_html("join failed", t.exception())
             else:
                 m = t.result()
-                where = (f"; a local mesh: others join with <code>gradient-nb peer --rendezvous {m.url}</code>"
-                         if s.rendezvous is not None else "")
+                where = _local_mesh_note(s, ns) if s.rendezvous is not None else ""
                 out.value = _status(f"joined mesh <code>{html.escape(m.mesh_name)}</code> at "
                                     f"<code>{html.escape(m.url)}</code> as <code>{html.escape(m.name)}</code> "
                                     f"({m.id[:10]}){where}")
@@ -399,7 +472,7 @@ class GradientMagics(Magics):
                 raise UsageError(f"%mesh spawn: {exc}") from None
             extra = ["--memory-cap", ns.memory_cap]
         if s.mesh is None and s._join_task is None:
-            raise UsageError("this kernel is not in a mesh: run %mesh join first")
+            raise UsageError(NOT_JOINED)
         out = widgets.HTML(_status(f"starting {ns.count} local peer{'s' * (ns.count > 1)}…"))
         display(out)
 
@@ -428,16 +501,22 @@ class GradientMagics(Magics):
         port: 8000              # with api: the port (default: a free one)
         api_key: secret         # with api: the bearer token clients must send
             This kernel serves its share of the model in the background (the coordinator assigns the
-            layers unless `layers` is given); the cell shows live widgets of the allocation and of each
-            peer's tokens/s, queue and latency. An empty body serves the bundled model.
+            layers unless `layers` is given); the cell returns at once and shows live widgets of the
+            allocation and of each peer's tokens/s, queue and latency. An empty body serves the bundled
+            model. Run again, it replaces the running serve; a config the model cannot take (layers
+            beyond its last) is refused before the running serve is touched.
 
         %%parallax ask [--max-tokens N] [--temperature T] [--top-p P] [--seed S] [--background]
+                       [--wait SECONDS]
         What is the capital of France?
             Streams the answer of the served model (greedy unless --temperature) into the cell's output.
-            The cell runs until the answer is complete (waiting for the model to be served first);
-            interrupting the kernel cancels this request only, serving goes on. With --background the
-            cell returns at once and other cells run while the answer streams. Either way,
-            `await current().answer()` in a later cell waits for it and returns the text.
+            The cell runs until the answer is complete; while the model is still being served (a serve
+            starting, peers loading their layers) it waits, saying for what. With no route and nothing
+            on its way (layers no live peer holds, a peer that left) it fails at once, saying which
+            layers are missing and which peers left; --wait SECONDS waits that long for peers instead.
+            Interrupting the kernel cancels this request only (what arrived stays), serving goes on.
+            With --background the cell returns at once and other cells run while the answer streams.
+            Either way, `await current().answer()` in a later cell waits for it and returns the text.
 
         %parallax status    the allocation and the route a request would take now
         %parallax cancel    cancel the answers still streaming from --background asks
@@ -478,7 +557,7 @@ class GradientMagics(Magics):
 
     def _serve(self, s: NotebookSession, cfg: dict[str, Any]) -> None:
         if s.mesh is None and s._join_task is None:
-            raise UsageError("this kernel is not in a mesh: run %mesh join first")
+            raise UsageError(NOT_JOINED)
         if cfg.get("model") is not None:
             from ..models import resolve_model
 
@@ -488,22 +567,37 @@ class GradientMagics(Magics):
                 raise UsageError(str(exc)) from None
         from .monitor import ServingMonitor
 
+        try:
+            # Checked before anything that runs is touched: a wrong cell leaves the current serve as it is.
+            s.check_serve_config(cfg, quick=True)
+        except SessionError as exc:
+            raise UsageError(str(exc)) from None
         monitor = ServingMonitor(s)
         try:
             s.start_serve(cfg, on_error=monitor.failed)
-        except RuntimeError as exc:
+        except SessionError as exc:
             raise UsageError(str(exc)) from None
+        if s.serving_monitor is not None:
+            s.serving_monitor.replaced()
         s.serving_monitor = monitor.show()
+        s.monitors.append(monitor)
 
     def _ask(self, s: NotebookSession, prompt: str, ns: argparse.Namespace) -> AskCell:
+        if s.mesh is None and s._join_task is None:
+            raise UsageError(NOT_JOINED)
+        if ns.wait is not None and ns.wait < 0:
+            raise UsageError("--wait takes a number of seconds >= 0")
         out = widgets.HTML("<i>waiting for the served model…</i>")
         out.add_class("gradient-nb-answer")
         display(out)
-        state: dict[str, Any] = {"last": 0.0, "start": None, "n": 0}
+        state: dict[str, Any] = {"last": 0.0, "start": None, "n": 0, "text": ""}
+
+        def on_wait(why: str) -> None:
+            out.value = f"<i>waiting for a route: {html.escape(why)}</i>"
 
         def on_text(text: str, n: int) -> None:
             now = time.perf_counter()
-            state["n"] = n
+            state["n"], state["text"] = n, text
             if state["start"] is None:
                 state["start"] = now
             if now - state["last"] >= STREAM_INTERVAL_S:
@@ -512,7 +606,9 @@ class GradientMagics(Magics):
 
         def finished(t: Any) -> None:
             if t.cancelled():
-                out.value += "<small>(cancelled)</small>"
+                # What arrived stays, without the streaming cursor.
+                kept = f"<pre style='white-space:pre-wrap'>{html.escape(state['text'])}</pre>" if state["n"] else ""
+                out.value = f"{kept}<small>(cancelled after {state['n']} tokens)</small>"
             elif t.exception() is None:
                 text = t.result()
                 took = time.perf_counter() - (state["start"] or time.perf_counter())
@@ -521,11 +617,19 @@ class GradientMagics(Magics):
                 out.value = (f"<pre style='white-space:pre-wrap'>{html.escape(text)}</pre>"
                              f"<small>{n} tokens{rate}</small>")
 
-        task = s.start_ask(prompt, on_text=on_text, max_tokens=ns.max_tokens, temperature=ns.temperature,
-                           top_p=ns.top_p, seed=ns.seed,
-                           on_error=lambda e: setattr(out, "value", _error_html("ask failed", e)))
+        def failed(exc: BaseException) -> None:
+            # A cell that follows its request ends with the message itself (AskCell): said once, there.
+            shown_below = cell is not None and cell.awaited and short_message(exc) is not None
+            out.value = "" if shown_below else _error_html("ask failed", exc)
+
+        follow = not ns.background
+        cell: AskCell | None = None
+        task = s.start_ask(prompt, on_text=on_text, on_wait=on_wait, max_tokens=ns.max_tokens,
+                           temperature=ns.temperature, top_p=ns.top_p, seed=ns.seed, wait=ns.wait,
+                           on_error=failed)
         when_done(task, finished)
-        return AskCell(task, follow=not ns.background)
+        cell = AskCell(task, follow=follow, tokens=lambda: state["n"])
+        return cell
 
     def _status(self, s: NotebookSession) -> None:
         from ..serve.coordinator import allocation_of
@@ -551,4 +655,5 @@ class GradientMagics(Magics):
             print("route: " + " -> ".join(f"{names.get(st.peer_id, st.peer_id[:8])}[{st.start}:{st.end}]"
                                           for st in chain))
         except NoRoute as exc:
-            print(f"no route now: {exc}")
+            why = s.route_status()
+            print(f"no route now: {why.message if why is not None else exc}")

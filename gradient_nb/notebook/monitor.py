@@ -24,6 +24,17 @@ REFRESH_S = 1.0
 HISTORY_S = 120.0  # the speed plots show the last two minutes
 
 
+def _memory(p: dict[str, Any]) -> str:
+    """What a peer offers: its free memory, within its memory cap when it set one (what the coordinator
+    counts; the machine's free memory alone would overstate it)."""
+    free = p["free_memory_bytes"] / 2**30
+    cap = p.get("memory_cap_bytes")
+    if not cap:
+        return f"{free:.1f} GiB"
+    offered = p.get("offered_memory_bytes", min(p["free_memory_bytes"], cap)) / 2**30
+    return f"{offered:.2f} GiB (capped; {free:.1f} free)"
+
+
 def peer_table_html(snapshot: dict[str, Any]) -> str:
     if not snapshot.get("joined"):
         return "<i>This kernel has not joined a mesh (or is still joining): run <code>%mesh join</code></i>"
@@ -34,7 +45,7 @@ def peer_table_html(snapshot: dict[str, Any]) -> str:
         rows.append(f"<tr data-peer-id='{html.escape(p['id'])}'>" + "".join(
             f"<td>{html.escape(str(c))}</td>" for c in (
                 p["name"] + (" (this kernel)" if p.get("self") else ""), p["id"][:10], dev,
-                f"{p['tflops']:.3f}", f"{p['free_memory_bytes'] / 2**30:.1f} GiB",
+                f"{p['tflops']:.3f}", _memory(p),
                 ", ".join(s for s in p["services"] if not s.startswith(("dht.", "mesh.", "diag."))) or "-",
                 f"{layers[0]}–{layers[1]}" if layers else "-")) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ("name", "id", "devices", "TFLOP/s", "free", "services", "layers"))
@@ -119,15 +130,34 @@ class ServingMonitor(_Refreshing):
         self._shown_layers: list[Any] = []
 
     def failed(self, exc: BaseException) -> None:
+        from .magics import short_message
+
+        text = short_message(exc) or f"{type(exc).__name__}: {exc}"
+        log.info("serving failed", exc_info=exc)
         self.status.value = (f"<b>parallax</b>: <span style='color:#c62828'>serving failed: "
-                             f"{html.escape(type(exc).__name__)}: {html.escape(str(exc))}</span>")
+                             f"{html.escape(text)}</span> (nothing was left running: fix the cell and run it again)")
+        self._final = True
         self.stop()
+
+    def replaced(self) -> None:
+        """A later ``%%parallax serve`` cell took over: this dashboard stops following."""
+        self.stop()
+        if not getattr(self, "_final", False):
+            self.status.value = "<b>parallax</b>: <i>replaced by a later %%parallax serve cell</i>"
+            self._final = True
+
+    def refresh(self) -> None:
+        if getattr(self, "_final", False):
+            return
+        self._refresh()
 
     def _status_line(self) -> str:
         from ..serve.pipeline import NoRoute
 
         s = self.session
         server, engine = s.server, s.engine
+        if s.mesh is None and s._join_task is None:
+            return "<b>parallax</b>: not serving (this kernel left the mesh)"
         if server is None:
             return "<b>parallax</b>: starting to serve…"
         mine = f"layers {server.layers[0]}–{server.layers[1]}" if server.layers else "no layers yet"
@@ -137,8 +167,9 @@ class ServingMonitor(_Refreshing):
         try:
             chain = engine.current_route()
         except NoRoute as exc:
+            why = s.route_status()
             return (f"<b>parallax</b>: serving {html.escape(server.model_id)} (this kernel: {mine}); "
-                    f"waiting for the peers: {html.escape(str(exc))}")
+                    f"no route yet: {html.escape(why.message if why is not None else str(exc))}")
         self.ready = True
         names = {p.id: p.name for p in s.mesh.peers()} if s.mesh is not None else {}
         route = " → ".join(f"{html.escape(names.get(st.peer_id, st.peer_id[:8]))} [{st.start}:{st.end}]"
@@ -146,7 +177,7 @@ class ServingMonitor(_Refreshing):
         return (f"<b>parallax</b>: serving {html.escape(server.model_id)} (this kernel: {mine}); "
                 f"ready, route: {route}{api}")
 
-    def refresh(self) -> None:
+    def _refresh(self) -> None:
         import plotly.graph_objects as go
 
         line = self._status_line()

@@ -19,6 +19,19 @@ From a cell, the awaitable API waits for that work without blocking the kernel::
 
 When the kernel exits (shutdown, restart), the session leaves the mesh cleanly from an ``atexit`` hook
 (see :meth:`NotebookSession._at_exit`), so the other peers see it go at once instead of timing it out.
+
+The session is a small state machine, and every failure leaves it in one of its states:
+
+- *not joined* → ``join`` → *joined* (a failed join: *not joined* again, the local rendezvous stopped);
+- *joined* → ``serve`` → *serving*. A serve config is checked (the model resolves, the layers fit it)
+  before anything that runs is touched, so a wrong cell leaves the previous serve running. A start that
+  fails after that leaves *joined*, never a half-made server: :attr:`server` is only ever assigned a
+  server whose ``start()`` returned;
+- *serving* → ``serve`` again → *serving* with the new config (the old server hands over first);
+- any → ``leave`` → *not joined*, with every task, local peer and monitor of the session stopped.
+
+Expected failures (not joined yet, no route, a config the model refuses) are :class:`SessionError` exceptions:
+the magics show their one-line message, and the traceback goes to the log only.
 """
 
 from __future__ import annotations
@@ -40,7 +53,9 @@ from typing import Any
 
 from ..mesh.identity import Identity
 from ..mesh.peer import Mesh, join
+from ..mesh.processes import release_child, spawn_owned, stop_processes
 from ..mesh.rendezvous import Rendezvous
+from .route_status import RouteStatus, explain
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +71,30 @@ PEER_START_TIMEOUT = 120.0
 EXIT_LEAVE_TIMEOUT = 3.5
 EXIT_HANDOVER_TIMEOUT = 1.0
 LEAVE_HANDOVER_TIMEOUT = 10.0
+# An ask without a route waits this long for one before it fails with the reason (unless something is
+# on its way: a peer loading its layers). Two coordinator re-plans fit in it, e.g. after a peer left.
+NO_ROUTE_GRACE_S = 3.0
+ROUTE_POLL_S = 0.25
 
 
-def _die_with_parent() -> None:
-    # Local peers are children of the kernel: if the kernel is killed (even with SIGKILL) they must
-    # not outlive it. PR_SET_PDEATHSIG fires when the *thread* that forked exits, so peers are only
-    # ever started from the kernel's main thread.
-    if sys.platform.startswith("linux"):
-        import ctypes
+class SessionError(RuntimeError):
+    """A failure the user can act on (not joined, no route, a config the model refuses): its message is
+    the whole story, shown as one line; the traceback belongs in the log."""
 
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+class NotJoined(SessionError):
+    """This kernel has not joined a mesh."""
+
+
+class NoRouteNow(SessionError):
+    """No chain of peers covers the model, and waiting alone would not give one."""
+
+
+class BadServeConfig(SessionError, ValueError):
+    """A ``%%parallax serve`` config the model cannot take (e.g. layers beyond its last)."""
+
+
+NOT_JOINED = "this kernel is not in a mesh: run %mesh join first"
 
 
 class LocalPeer:
@@ -134,6 +162,9 @@ class NotebookSession:
         # The widgets the last `%%parallax serve` / `%mesh watch` showed (to reuse or inspect them).
         self.serving_monitor: Any = None
         self.mesh_monitor: Any = None
+        self.monitors: list[Any] = []  # every monitor shown, refreshed a last time by the leave
+        self._seen_names: dict[str, str] = {}
+        self._answered_at: float | None = None  # wall time the last answer ended (see metrics())
         self._tasks: set[asyncio.Task] = set()
         self._engine_lock: asyncio.Lock | None = None
         # Registered after ipykernel's own atexit handlers (the extension loads after the kernel starts),
@@ -175,9 +206,9 @@ class NotebookSession:
     def start_join(self, url: str | None, **kw: Any) -> asyncio.Task:
         """Start joining the mesh at ``url`` (``None``: start a local mesh in this kernel) in the background."""
         if self._join_task is not None and not self._join_task.done():
-            raise RuntimeError("already joining a mesh")
+            raise SessionError("already joining a mesh")
         if self.mesh is not None:
-            raise RuntimeError(f"already in mesh {self.mesh.mesh_name!r}; run %mesh leave first")
+            raise SessionError(f"already in mesh {self.mesh.mesh_name!r}; run %mesh leave first")
         self._loop = asyncio.get_running_loop()
         # Whoever waits for the join reports its failure (the magic's status line, the panel's reply).
         self._join_task = self.spawn(self._join(url, **kw), "gradient-nb-join", on_error=lambda _exc: None)
@@ -186,9 +217,10 @@ class NotebookSession:
     async def _join(self, url: str | None, **kw: Any) -> Mesh:
         if kw.pop("ephemeral", False):
             kw["identity"] = Identity.generate()
+        host = kw.pop("host", None) or "127.0.0.1"
         if url is None:
             # No URL: this kernel introduces a new local mesh itself.
-            self.rendezvous = await Rendezvous(secret=kw.get("secret")).start()
+            self.rendezvous = await Rendezvous(host, secret=kw.get("secret")).start()
             url = self.rendezvous.url
         try:
             self.mesh = await asyncio.wait_for(join(url, **kw), JOIN_TIMEOUT)
@@ -204,7 +236,7 @@ class NotebookSession:
         if self.mesh is not None:
             return self.mesh
         if self._join_task is None:
-            raise RuntimeError("this kernel has not joined a mesh: run %mesh join [URL] first")
+            raise NotJoined(NOT_JOINED)
         # Shielded: a cell that stops waiting (interrupted) must not cancel the join itself.
         return await asyncio.wait_for(asyncio.shield(self._join_task), timeout)
 
@@ -231,7 +263,7 @@ class NotebookSession:
         if layers is not None and len(layers) != count:
             raise ValueError("give one layer range per peer")
         if self.mesh is None:
-            raise RuntimeError("join a mesh first (the join is still running, or was never started)")
+            raise NotJoined("join a mesh first (the join is still running, or was never started)")
         taken = {p.name for p in self.local_peers}
         started: list[LocalPeer] = []
         i = 0
@@ -251,11 +283,10 @@ class NotebookSession:
                 if layers:
                     cmd += ["--layers", f"{layers[k][0]}:{layers[k][1]}"]
             cmd += extra or []
-            # Own session: interrupting the kernel signals its process group, which must not stop them.
             fd, log_path = tempfile.mkstemp(prefix=f"gradient-nb-{name}-{i}-", suffix=".log")
             try:
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=fd, text=True, env=dict(os.environ),
-                                        start_new_session=True, preexec_fn=_die_with_parent)
+                # Owned: it ends with the kernel, however the kernel ends (see mesh/processes.py).
+                proc = spawn_owned(cmd, stderr=fd)
             finally:
                 os.close(fd)
             peer = LocalPeer(proc, f"{name}-{i}", log_path)
@@ -268,8 +299,6 @@ class NotebookSession:
         """Stop the peers :meth:`spawn_local_peers` started; ``wait=False`` only asks them (SIGTERM)."""
         peers, self.local_peers = self.local_peers, []
         if peers:
-            from ..mesh.demo import stop_processes
-
             if wait:
                 await asyncio.to_thread(stop_processes, [p.proc for p in peers])
             else:
@@ -284,6 +313,9 @@ class NotebookSession:
 
     def _kill_local_peers(self, peers: list[LocalPeer] | None = None) -> None:
         for p in self.local_peers if peers is None else peers:
+            # EOF on its parent-watch first: it then leaves at once, without waiting to hand its layers
+            # over to siblings that are stopping too.
+            release_child(p.proc)
             if p.alive():
                 with contextlib.suppress(Exception):
                     p.proc.terminate()
@@ -367,42 +399,124 @@ class NotebookSession:
             await self.rendezvous.stop()
             self.rendezvous = None
         self._join_task = self._serve_task = self._ask_task = None
+        self._show_left()
+
+    def _show_left(self) -> None:
+        # The monitors' refresh tasks were cancelled with the others: show the end state once more, so
+        # that nothing keeps saying "3 peers" or "ready" after the leave.
+        for monitor in (*self.monitors, self.serving_monitor, self.mesh_monitor):
+            if monitor is not None:
+                with contextlib.suppress(Exception):  # a widget the front-end closed
+                    monitor.stop()
+                    monitor.refresh()
 
     def snapshot(self) -> dict[str, Any]:
-        """The mesh as plain data (``Mesh.snapshot()``), or ``{"joined": False}``."""
+        """The mesh as plain data (``Mesh.snapshot()``), or ``{"joined": False}``.
+
+        Each peer also gets ``memory_cap_bytes`` (what it offers to serve, if it set a cap) and
+        ``offered_memory_bytes`` (its free memory within that cap: what the coordinator counts)."""
         if self.mesh is None:
             return {"joined": False}
         snap = self.mesh.snapshot()
+        records = self.mesh.state.peers()
+        for p in snap.get("peers", []):
+            serving = (records.get(p["id"]) or {}).get("serving")
+            cap = serving.get("memory_cap_bytes") if isinstance(serving, dict) else None
+            free = int(p.get("free_memory_bytes") or 0)
+            p["memory_cap_bytes"] = cap
+            p["offered_memory_bytes"] = min(free, int(cap)) if cap else free
         if self.rendezvous is not None:
             snap["local_rendezvous"] = True
         return snap
+
+    async def metrics(self, kind: str = "peers", timeout: float = 10.0) -> Any:
+        """``Mesh.metrics(kind)``, current: first waits until every live peer has published a heartbeat
+        after the last answer finished, and this kernel has recorded it (counts such as
+        ``served_tokens`` travel with heartbeats, so a table read at once would miss the answer just
+        served). Gives up waiting after ``timeout`` seconds and returns what it has."""
+        mesh = self.mesh
+        if mesh is None:
+            raise NotJoined(NOT_JOINED)
+        since = self._answered_at
+        deadline = time.monotonic() + timeout
+        if since is not None:
+            while time.monotonic() < deadline:
+                if all(float(r.get("ts") or 0) > since for r in mesh.state.peers().values()):
+                    break
+                await asyncio.sleep(0.1)
+            seen = time.time()
+            while time.monotonic() < deadline:
+                df = mesh.metrics(kind)
+                if not df.is_empty() and df["time"].max() >= seen:
+                    break
+                await asyncio.sleep(0.1)
+        return mesh.metrics(kind)
 
     # -- serving -------------------------------------------------------------------------------
     def start_serve(self, config: dict[str, Any],
                     on_error: Callable[[BaseException], None] | None = None) -> asyncio.Task:
         """Serve this kernel's share of a model in the background (waits for the join first)."""
         if self._serve_task is not None and not self._serve_task.done():
-            raise RuntimeError("already starting to serve; wait for it or run %mesh leave")
+            raise SessionError("already starting to serve; wait for it (or run %mesh leave)")
+        if self.mesh is None and self._join_task is None:
+            raise NotJoined(NOT_JOINED)
+        self.check_serve_config(config, quick=True)
         self._serve_task = self.spawn(self.serve(config), "parallax-serve", on_error=on_error)
         return self._serve_task
 
-    async def serve(self, config: dict[str, Any]) -> Any:
-        from ..serve.node import ServingPeer
+    def check_serve_config(self, config: dict[str, Any], *, quick: bool = False) -> None:
+        """Raise :class:`BadServeConfig` if the model cannot take ``config``. ``quick``: only what is known
+        without loading anything (the model of the running serve), for an answer in the cell itself."""
+        layers = config.get("layers")
+        if layers is None:
+            return
+        info = None
+        model = config.get("model")
+        for known in (self.server, self.engine):
+            if known is None:
+                continue
+            if (model or _default_model_name()) in (str(known.path), known.path.name):
+                info = known.info
+                break
+        if info is None and not quick:
+            from ..models import model_info, resolve_model
 
+            try:
+                info = model_info(resolve_model(model) if model is not None else resolve_model())
+            except (FileNotFoundError, OSError) as exc:
+                raise BadServeConfig(str(exc)) from None
+        if info is not None and not 0 <= layers[0] < layers[1] <= info.num_layers:
+            raise BadServeConfig(f"layers {layers[0]}:{layers[1]} do not fit {info.name}, which has "
+                                 f"{info.num_layers} layers (0:{info.num_layers})")
+
+    async def serve(self, config: dict[str, Any]) -> Any:
+        """Serve ``config`` from this kernel (see the state machine in the module docstring)."""
         mesh = await self.wait_mesh()
-        if self.server is not None:
-            await self.server.stop(handover_timeout=5)
-            self.server = None
-        if self.api is not None:
-            await self.api.stop()
-            self.api = None
+        # Off the event loop: the first import of the serving stack, and resolving a model (a GGUF is
+        # de-quantised once, ~20 s), would otherwise stall the kernel and hold the cell's reply back.
+        await asyncio.to_thread(_import_serving)
+        await asyncio.to_thread(self.check_serve_config, config)
+        from ..serve.node import ServingPeer
         from ..verify import attach_commitments
 
-        self.server = ServingPeer(mesh, config.get("model"), dtype=config.get("dtype", "float32"),
-                                  quantization=config.get("quantization"), layers=config.get("layers"),
-                                  memory_cap_bytes=config.get("memory_cap"))
-        attach_commitments(self.server)
-        await self.server.start()
+        server = await asyncio.to_thread(
+            lambda: ServingPeer(mesh, config.get("model"), dtype=config.get("dtype", "float32"),
+                                quantization=config.get("quantization"), layers=config.get("layers"),
+                                memory_cap_bytes=config.get("memory_cap")))
+        attach_commitments(server)
+        # The config is good: only now is what runs touched.
+        old, self.server = self.server, None
+        if old is not None:
+            await old.stop(handover_timeout=5)
+        if self.api is not None:
+            api, self.api = self.api, None
+            await api.stop()
+        try:
+            await server.start()
+        except BaseException:
+            await _discard(server)
+            raise
+        self.server = server
         engine = await self._get_engine(config.get("model"))
         if config.get("api"):
             from ..serve.api import serve_api
@@ -412,9 +526,10 @@ class NotebookSession:
         return self.server
 
     async def _get_engine(self, model: str | None) -> Any:
+        mesh = await self.wait_mesh()
+        await asyncio.to_thread(_import_serving)
         from ..serve.pipeline import MeshEngine
 
-        mesh = await self.wait_mesh()
         if self._engine_lock is None:
             self._engine_lock = asyncio.Lock()
         async with self._engine_lock:
@@ -429,15 +544,84 @@ class NotebookSession:
                 attach_verification(self.engine)
         return self.engine
 
-    async def wait_engine(self, timeout: float = SERVE_TIMEOUT, serving_peers: int = 1) -> Any:
-        """The engine of the served model, once a route of ready peers covers every layer."""
-        from ..serve.cluster import wait_ready
+    def _names(self) -> dict[str, str]:
+        """Peer id -> name of every peer this kernel has seen (those that left included)."""
+        if self.mesh is not None:
+            with contextlib.suppress(Exception):
+                df = self.mesh.metrics("peers")
+                if not df.is_empty():
+                    self._seen_names.update(dict(zip(df["peer"].to_list(), df["name"].to_list(), strict=True)))
+            self._seen_names.update({p.id: p.name for p in self.mesh.peers()})
+        return self._seen_names
 
+    def route_status(self) -> RouteStatus | None:
+        """Why no request can be routed now (``None``: one can, or nothing is served yet from here)."""
+        from ..serve.pipeline import NoRoute
+
+        engine = self.engine
+        if engine is None or self.mesh is None:
+            return None
+        try:
+            engine.current_route()
+            return None
+        except NoRoute:
+            return explain(self.mesh, engine, self._names(), starting=self._serving_starts())
+
+    def _serving_starts(self) -> bool:
+        return (self._serve_task is not None and not self._serve_task.done()) or "gradient-nb-spawn" in self.busy
+
+    async def wait_route(self, *, wait: float | None = None, serving_peers: int = 1,
+                         on_wait: Callable[[str], None] | None = None) -> Any:
+        """The engine of the served model, once a route of ready peers covers every layer.
+
+        ``wait=None`` (the default) waits only while a route is on its way (a peer loading its layers,
+        this kernel's serve starting; at most ``SERVE_TIMEOUT``) or for a short grace in which the
+        coordinator re-plans, then raises :class:`NoRouteNow` saying which layers are missing and which
+        peers left. ``wait=SECONDS`` waits that long in any case (for a peer to join, say).
+        ``on_wait(message)`` hears why it is waiting, whenever the reason changes.
+        """
+        from ..serve.coordinator import serving_peers as serving
+        from ..serve.pipeline import NoRoute
+
+        if self.mesh is None and self._join_task is None:
+            raise NotJoined(NOT_JOINED)
+        start = time.monotonic()
+        limit = SERVE_TIMEOUT if wait is None else wait
+        said = None
+
+        def tell(text: str) -> None:
+            nonlocal said
+            if text != said and on_wait is not None:
+                said = text
+                on_wait(text)
+
+        if self.mesh is None:
+            tell("waiting for this kernel to join the mesh")
+            await self.wait_mesh()
         if self._serve_task is not None and not self._serve_task.done():
-            await asyncio.wait_for(asyncio.shield(self._serve_task), timeout)
+            tell("waiting for this kernel to start serving")
+            await asyncio.wait_for(asyncio.shield(self._serve_task), max(0.1, limit - (time.monotonic() - start)))
         engine = await self._get_engine(None)
-        await wait_ready(engine.mesh, engine, serving_peers, timeout)
-        return engine
+        while True:
+            try:
+                live = len(serving(engine.mesh, engine.model_name))
+                engine.current_route()
+                if live >= serving_peers:
+                    return engine
+                status = RouteStatus(f"{live} of {serving_peers} peers serve {engine.model_name}", True)
+            except NoRoute:
+                status = explain(engine.mesh, engine, self._names(), starting=self._serving_starts())
+            waited = time.monotonic() - start
+            if waited > limit:
+                raise NoRouteNow(f"no route after {waited:.0f} s: {status.message}")
+            if wait is None and not status.progressing and waited > NO_ROUTE_GRACE_S:
+                raise NoRouteNow(f"no route: {status.message} (ask with --wait SECONDS to wait for peers)")
+            tell(status.message)
+            await asyncio.sleep(ROUTE_POLL_S)
+
+    async def wait_engine(self, timeout: float = SERVE_TIMEOUT, serving_peers: int = 1) -> Any:
+        """The engine of the served model, waiting up to ``timeout`` for a route (see :meth:`wait_route`)."""
+        return await self.wait_route(wait=timeout, serving_peers=serving_peers)
 
     async def ready(self, serving_peers: int = 1, timeout: float = SERVE_TIMEOUT) -> None:
         """Wait until at least ``serving_peers`` peers serve the model and a route covers all its layers."""
@@ -447,26 +631,32 @@ class NotebookSession:
                 self.serving_monitor.refresh()
 
     async def ask(self, prompt: str | list[dict[str, str]], *, max_tokens: int = 128, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int | None = None,
-                  on_text: Callable[[str, int], None] | None = None) -> str:
+                  top_p: float = 1.0, seed: int | None = None, wait: float | None = None,
+                  on_text: Callable[[str, int], None] | None = None,
+                  on_wait: Callable[[str], None] | None = None) -> str:
         """Prompt the served model (a string is one user message) and return its answer.
 
+        Without a route it fails fast, saying what is missing, unless one is on its way or ``wait``
+        seconds are given (see :meth:`wait_route`; ``on_wait(message)`` hears why it waits).
         ``on_text(text_so_far, tokens)`` is called as tokens arrive. Awaited in a cell, interrupting the
         cell cancels this request only: serving goes on.
         """
         from ..serve.sampling import SamplingParams
 
         params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-        engine = await self.wait_engine()
+        engine = await self.wait_route(wait=wait, on_wait=on_wait)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         ids = engine.encode(messages)
         out: list[int] = []
         self.answer_tokens = 0
-        async for tok in engine.generate(ids, params):
-            out.append(tok)
-            self.answer_tokens = len(out)
-            if on_text is not None:
-                on_text(engine.tokenizer.decode(out, skip_special_tokens=True), len(out))
+        try:
+            async for tok in engine.generate(ids, params):
+                out.append(tok)
+                self.answer_tokens = len(out)
+                if on_text is not None:
+                    on_text(engine.tokenizer.decode(out, skip_special_tokens=True), len(out))
+        finally:
+            self._answered_at = time.time()
         text = engine.tokenizer.decode(out, skip_special_tokens=True)
         self.last_answer = text
         return text
@@ -493,8 +683,38 @@ class NotebookSession:
     async def answer(self, timeout: float = SERVE_TIMEOUT) -> str:
         """The answer of the last ``%%parallax ask``, waiting for it to finish."""
         if self._ask_task is None:
-            raise RuntimeError("nothing was asked yet: run %%parallax ask")
+            raise SessionError("nothing was asked yet: run %%parallax ask")
         return await asyncio.wait_for(asyncio.shield(self._ask_task), timeout)
+
+
+def _import_serving() -> None:
+    # The serving stack's first import takes ~1-2 s (torch, transformers); done in a worker thread.
+    from ..serve import node, pipeline  # noqa: F401
+    from ..verify import report  # noqa: F401
+
+
+def _default_model_name() -> str:
+    from ..models.loader import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+async def _discard(server: Any) -> None:
+    """Undo what a ServingPeer whose ``start()`` failed may have done: offers, the announcement, tasks."""
+    if getattr(server, "coordinator", None) is not None:
+        with contextlib.suppress(Exception):
+            await server.stop(handover_timeout=0)
+        return
+    with contextlib.suppress(Exception):
+        if server._unwatch is not None:
+            server._unwatch()
+    with contextlib.suppress(Exception):
+        server.mesh.publish(serving=None, layers=None)
+    for service in ("shard.forward", "shard.drop"):
+        with contextlib.suppress(Exception):
+            server.mesh.withdraw(service)
+    if server._task is not None:
+        server._task.cancel()
 
 
 def _quiet_logs() -> None:

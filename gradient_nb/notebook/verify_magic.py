@@ -15,8 +15,12 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import HTML, display
 
-from .session import current
+from .session import NOT_JOINED, current
 
+# Printed above the table: where the score comes from (Reputation.score).
+REPUTATION_LEGEND = ("score = (passes + 1) / (passes + failures + 2): the share of passed verifications, "
+                     "smoothed so that an unverified peer starts at 0.5 and 2 passes give 0.75; FAILED: "
+                     "failed by this kernel or by enough verifiers (routing avoids it)")
 USAGE = "usage: %verify last | request ID | policy RATE | reputation   or   %%verify ask + a prompt (see %verify?)"
 
 
@@ -118,27 +122,35 @@ class VerifyMagics(Magics):
         s = current()
         if ask is None:
             self._engine()  # fail in the cell, now, when there is nothing to verify
+        elif s.mesh is None and s._join_task is None:
+            raise UsageError(NOT_JOINED)
         handle = display(HTML("<i>verifying…</i>"), display_id=True)
+        answer = ""  # %%verify ask: the answer, shown above the report (the report does not replace it)
 
         async def run() -> None:
             from ..serve.sampling import SamplingParams
             from ..verify.report import verify_generation
 
-            engine = await s.wait_engine() if ask is not None else s.engine
+            nonlocal answer
+            engine = await s.wait_route() if ask is not None else s.engine
             audit = None
             if ask is not None:
                 ids = engine.encode([{"role": "user", "content": ask[0]}])
                 out = [t async for t in engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=ask[1]))]
-                handle.update(HTML(f"<pre>{html.escape(engine.tokenizer.decode(out, skip_special_tokens=True))}"
-                                   "</pre><i>verifying…</i>"))
+                answer = (f"<div class='gradient-nb-verified-answer'><b>answer</b><pre style='white-space:pre-wrap'>"
+                          f"{html.escape(engine.tokenizer.decode(out, skip_special_tokens=True))}</pre></div>")
+                handle.update(HTML(answer + "<i>verifying…</i>"))
                 audit = engine.traces[-1].observed.get("verify")
             report = await verify_generation(engine, audit if audit is not None else target, ranges)
-            handle.update(HTML(report._repr_html_()))
-            display(report.figure())
+            handle.update(HTML(answer + report._repr_html_()))
+            display(_separate_limit_labels(report.figure()))
             s.last_verification = report
 
         def failed(exc: BaseException) -> None:
-            handle.update(HTML(f"<b>verify</b>: {html.escape(type(exc).__name__)}: {html.escape(str(exc))}"))
+            from .magics import short_message
+
+            text = short_message(exc) or f"{type(exc).__name__}: {exc}"
+            handle.update(HTML(f"{answer}<b>verify</b>: {html.escape(text)}"))
 
         s.spawn(run(), "verify", on_error=failed)
 
@@ -153,7 +165,17 @@ class VerifyMagics(Magics):
         if not rows:
             print("no verdicts in the mesh yet")
             return
+        print(REPUTATION_LEGEND)
         for r in rows:
             state = "FAILED" if r.failed(s.mesh.id) else "ok"
             print(f"{names.get(r.peer, r.peer[:10]):20s} {r.passes:5d} pass {r.failures:4d} fail  "
-                  f"score {r.score:.2f}  {state}")
+                  f"score {r.score:.2f} = ({r.passes}+1)/({r.passes}+{r.failures}+2)  {state}")
+
+
+def _separate_limit_labels(fig: Any) -> Any:
+    """Put the plot's limit labels on opposite sides: the two limit lines are close on the log axis, and
+    labels at the same end of both lines print over each other."""
+    limits = [a for a in fig.layout.annotations if "limit" in str(a.text or "")]
+    for a, (x, anchor) in zip(limits, [(0.0, "left"), (1.0, "right")], strict=False):
+        a.update(x=x, xanchor=anchor)
+    return fig

@@ -43,6 +43,7 @@ class Kernel:
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)
         self.widgets: dict[str, dict[str, Any]] = {}  # comm id -> widget state, as a front-end holds it
+        self.displays: dict[str, dict[str, Any]] = {}  # display id -> its latest data (updated in place)
         self._pending: dict[str, CellResult] = {}
 
     # -- iopub -------------------------------------------------------------------------------------
@@ -56,6 +57,8 @@ class Kernel:
             self.widgets.setdefault(content["comm_id"], {}).update(content["data"].get("state", {}))
         elif kind == "comm_close":
             self.widgets.pop(content["comm_id"], None)
+        if kind in ("display_data", "update_display_data") and content.get("transient", {}).get("display_id"):
+            self.displays[content["transient"]["display_id"]] = content["data"]
         cell = self._pending.get(parent)
         if cell is None:
             return None

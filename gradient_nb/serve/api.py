@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from .grammar import RequestError, StructuredOutput
 from .sampling import SamplingParams, StopDetector
 
 __all__ = ["ApiError", "ApiServer", "Engine", "create_app", "serve_api"]
@@ -89,6 +90,8 @@ class _Job:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    structured: StructuredOutput | None = None  # tools / response_format: decoded under a grammar
+    constraint: Any = None  # the grammar's per-step token mask for this one generation
 
 
 def _field(body: dict[str, Any], name: str, types: type | tuple[type, ...], default: Any = None) -> Any:
@@ -159,8 +162,6 @@ class _App:
             raise ApiError(400, "only n=1 is supported", param="n")
         if body.get("logprobs") not in (None, False, 0) or body.get("echo") or body.get("best_of") not in (None, 1):
             raise ApiError(400, "logprobs, echo and best_of are not supported", param="logprobs")
-        if body.get("tools") or body.get("functions"):
-            raise ApiError(400, "tool calling is not supported", param="tools")
         stream = _field(body, "stream", bool, False)
         opts = _field(body, "stream_options", dict, {})
         include_usage = bool(opts.get("include_usage")) if stream else False
@@ -208,7 +209,7 @@ class _App:
     async def _generate(self, job: _Job, state: dict[str, Any]) -> AsyncIterator[str]:
         """Text deltas; sets state['finish_reason'] and state['completion_tokens'] as it goes."""
         detector = StopDetector(self.engine.tokenizer, job.params.stop)
-        tokens = self.engine.generate(job.prompt_ids, job.params)
+        tokens = self._tokens(job)
         state["completion_tokens"] = 0
         try:
             async for tok in tokens:
@@ -229,6 +230,23 @@ class _App:
             # Closing runs the engine's own cleanup (KV cache freed) whether we finished, hit a
             # stop string, or the client went away.
             await tokens.aclose()  # type: ignore[attr-defined]
+
+    def _tokens(self, job: _Job) -> AsyncIterator[int]:
+        if job.constraint is None:
+            return self.engine.generate(job.prompt_ids, job.params)
+        return _step_tokens(self.engine.generate_steps(job.prompt_ids, job.params, constraint=job.constraint))
+
+    def _constrain(self, job: _Job, structured: StructuredOutput) -> None:
+        if not hasattr(self.engine, "generate_steps"):
+            raise ApiError(400, "this engine cannot constrain decoding (tools, response_format)", param="tools")
+        info = getattr(self.engine, "info", None)
+        vocab = int(getattr(info, "vocab_size", 0) or len(self.engine.tokenizer))
+        try:
+            job.constraint = structured.constraint(self.engine.tokenizer, vocab,
+                                                   set(getattr(self.engine, "eos_ids", ())))
+        except RequestError as exc:
+            raise ApiError(400, str(exc), param=exc.param) from None
+        job.structured = structured
 
     def _usage(self, job: _Job, state: dict[str, Any]) -> dict[str, int]:
         p, c = len(job.prompt_ids), state.get("completion_tokens", 0)
@@ -253,7 +271,10 @@ class _App:
                 return Response(status_code=499)
             text = collect.result()
             choice: dict[str, Any] = {"index": 0, "finish_reason": state["finish_reason"], "logprobs": None}
-            if chat:
+            if chat and job.structured is not None:
+                choice["message"], finish = job.structured.message(text)
+                choice["finish_reason"] = finish or state["finish_reason"]
+            elif chat:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = text
@@ -319,19 +340,28 @@ class _App:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-        conv = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-                raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", param="messages")
-            role = "system" if m["role"] == "developer" else m["role"]
-            conv.append({"role": role, "content": _message_text(m.get("content"), i)})
+        try:
+            structured = StructuredOutput.from_request(body)
+        except RequestError as exc:
+            raise ApiError(400, str(exc), param=exc.param) from None
+        conv = _conversation(messages)
+        if structured is not None:
+            if body.get("stream") and structured.kind == "tool_call":
+                raise ApiError(400, "streaming tool calls is not supported; send stream=false", param="stream")
+            if conv[0]["role"] == "system":
+                conv[0] = {"role": "system", "content": conv[0]["content"] + "\n\n" + structured.system_prompt()}
+            else:
+                conv.insert(0, {"role": "system", "content": structured.system_prompt()})
         tok = self.engine.tokenizer
         try:
             text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # a template may reject a conversation shape (e.g. two system turns)
             raise ApiError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
-        return await self._respond(request, self._job(body, ids, None), chat=True)
+        job = self._job(body, ids, None)
+        if structured is not None:
+            self._constrain(job, structured)
+        return await self._respond(request, job, chat=True)
 
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
@@ -356,6 +386,33 @@ class _App:
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.model_name})
+
+
+def _conversation(messages: list[Any]) -> list[dict[str, str]]:
+    """OpenAI messages as the chat template's turns. A tool result becomes a user turn that says so, and
+    an assistant's tool calls their JSON (small models' templates know no tool role)."""
+    conv = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            raise ApiError(400, f"messages[{i}] needs a role of system, user, assistant or tool", param="messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        if role == "assistant" and m.get("tool_calls") and not m.get("content"):
+            calls = [c.get("function", {}) for c in m["tool_calls"] if isinstance(c, dict)]
+            text = json.dumps([{"name": c.get("name"), "arguments": c.get("arguments")} for c in calls])
+        else:
+            text = _message_text(m.get("content"), i)
+        if role == "tool":
+            role, text = "user", f"[tool result] {text}"
+        conv.append({"role": role, "content": text})
+    return conv
+
+
+async def _step_tokens(steps: AsyncIterator[Any]) -> AsyncIterator[int]:
+    try:
+        async for step in steps:
+            yield step.token
+    finally:
+        await steps.aclose()  # type: ignore[attr-defined]
 
 
 async def _collect(deltas: AsyncIterator[str]) -> str:

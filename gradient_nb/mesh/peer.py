@@ -548,7 +548,23 @@ class Mesh:
                 # retry of whatever failed with LinkLost finds a new link.
                 log.warning("link to %s lost (%s); re-linking", peer_id[:8], link.lost_reason)
                 self.link_errors.pop(peer_id, None)
-                self._spawn(self._quiet_link(peer_id), f"mesh-relink-{peer_id[:8]}")
+                self._spawn(self._relink(peer_id), f"mesh-relink-{peer_id[:8]}")
+
+    async def _relink(self, peer_id: str, within: float = 60.0) -> None:
+        """Link again to a peer whose link died, retrying (signaling may need a moment: the
+        rendezvous connection can have died with the same NAT) while the peer is alive."""
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + within, 0.5
+        while not self._closed and peer_id in self.state.peers() and loop.time() < deadline:
+            if self._live(peer_id):
+                return
+            try:
+                await self._link_to(peer_id, CONNECT_TIMEOUT)
+                return
+            except (MeshError, TimeoutError) as exc:
+                log.info("re-link to %s failed (%s); retrying", peer_id[:8], exc)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
     async def _close_peer_link(self, pl: _PeerLink) -> None:
         if pl.provider_task is not None:

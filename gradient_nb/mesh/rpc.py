@@ -141,7 +141,7 @@ class _Incoming:
 
 def _link_closed_error(remote_id: str, exc: LinkClosed) -> PeerUnreachable:
     if isinstance(exc, LinkDied):
-        return LinkLost(f"link to {remote_id[:8] or 'peer'} lost ({exc}); retry: the mesh re-links")
+        return LinkLost(f"{exc}; retry: the mesh re-links at once")
     return PeerUnreachable(f"link to {remote_id[:8] or 'peer'} closed")
 
 

@@ -212,6 +212,17 @@ def _make_certs(workdir: Path, ip: str) -> tuple[Path, Path, Path]:
     return ca_file, cert_file, key_file
 
 
+# ``conntrack -F`` for IPv4: IPCTNL_MSG_CT_DELETE without a tuple flushes the table (ctnetlink).
+_CONNTRACK_FLUSH = """
+import socket, struct
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
+body = struct.pack("=BBH", socket.AF_INET, 0, 0)  # nfgenmsg: family, NFNETLINK_V0, res_id
+s.send(struct.pack("=IHHII", 16 + len(body), (1 << 8) | 2, 0x1 | 0x4, 1, 0) + body)  # CTNETLINK, CT_DELETE
+err = struct.unpack_from("=i", s.recv(4096), 16)[0]
+raise SystemExit(f"conntrack flush failed: errno {-err}" if err else 0)
+"""
+
+
 class NatLab:
     """Builds the lab on ``__enter__``/``up()`` and always removes all of it on ``__exit__``/``down()``.
 
@@ -506,6 +517,19 @@ class NatLab:
             return (self.workdir / "turnserver.log").read_text(errors="replace") if self.workdir else ""
         except OSError:
             return ""
+
+    def forget_mappings(self, host: str, *, udp_ports: str = "1024-1999") -> None:
+        """``host``'s NAT forgets every mapping, as after a router reboot, and maps new UDP flows to
+        other public ports (``udp_ports``): links through the old UDP mappings are dead from then on.
+        The flush is ``conntrack -F`` done with one ctnetlink message (the conntrack tool is not
+        installed here); the new port range is a MASQUERADE rule put before the old one."""
+        self._check_host(host)
+        if self.hosts[host] == "public":
+            raise LabError(f"{host} has no NAT")
+        x = ["ip", "netns", "exec", self._router_ns(host)]
+        _run([*x, "iptables", "-w", "5", "-t", "nat", "-I", "POSTROUTING", "1", "-o", "wan", "-p", "udp",
+              "-j", "MASQUERADE", "--to-ports", udp_ports])
+        _run([*x, sys.executable, "-c", _CONNTRACK_FLUSH])
 
     def describe(self) -> dict[str, Any]:
         """Names, addresses and ICE settings of every host, as JSON-ready data."""

@@ -9,7 +9,7 @@ How the parts fit:
   travel over them too (signals are relayed by linked peers; the state syncs on every link), so the
   mesh keeps working when the rendezvous goes away. The peer reconnects to it in the background.
 - A link is one WebRTC peer connection with an ``rpc`` channel (an :class:`RpcEndpoint`) and a
-  ``state`` channel (a pycrdt ``Provider``). A link is made on first use (``call`` to an unlinked
+  ``state`` channel (the signed state's sync session). A link is made on first use (``call`` to an unlinked
   peer), and a joining peer links eagerly to a few others so the state has paths without the
   rendezvous.
 - When both sides offer at once ("glare"), the offer from the lower peer id wins.
@@ -30,7 +30,6 @@ from typing import Any
 
 import aiohttp
 import msgpack
-from pycrdt import Provider
 
 from . import resources
 from .dht import Dht
@@ -68,7 +67,7 @@ def _sdp_candidates(sdp: str | None) -> list[Any]:
 
 
 class _TransportChannel:
-    """A pycrdt ``Channel`` over a link's ``state`` transport."""
+    """A state-sync channel over a link's ``state`` transport."""
 
     def __init__(self, transport: Transport, path: str) -> None:
         self._t, self._path = transport, path
@@ -150,7 +149,7 @@ class Mesh:
         # peer id -> (our SDP, theirs) of a link attempt not yet connected: a join that gives up on it
         # before ICE itself does (its checks retry for about a minute) still explains from the candidates.
         self._link_sdps: dict[str, tuple[str | None, str | None]] = {}
-        self._room_provider: Provider | None = None
+        self._room_provider: Any = None  # the state's sync session with the rendezvous
         self._links: dict[str, _PeerLink] = {}
         self._connecting: dict[str, asyncio.Future[_PeerLink]] = {}
         self._offers: dict[str, tuple[str, asyncio.Future[dict]]] = {}  # peer -> (link id, answer future)
@@ -325,7 +324,7 @@ class Mesh:
         for pid in self._rendezvous_peers:
             self.dht.add_contact(pid)
         self._room_channel = YChannel(ws, f"rendezvous/{self.mesh_name}")
-        provider = self._room_provider = Provider(self.state.doc, self._room_channel)
+        provider = self._room_provider = self.state.sync(self._room_channel)
         provider_task = self._spawn(provider.start(), "mesh-rendezvous-sync")
         self._spawn(self._rendezvous_reader(ws, provider_task), "mesh-rendezvous-reader")
 
@@ -523,7 +522,7 @@ class Mesh:
         rpc = RpcEndpoint(link.transports["rpc"], self.services, remote_id=peer_id)
         await rpc.start()
         pl = _PeerLink(link, rpc)
-        provider = Provider(self.state.doc, _TransportChannel(link.transports["state"], f"link/{peer_id}"))
+        provider = self.state.sync(_TransportChannel(link.transports["state"], f"link/{peer_id}"))
         pl.provider_task = self._spawn(provider.start(), f"mesh-sync-{peer_id[:8]}")
         old = self._links.get(peer_id)
         self._links[peer_id] = pl

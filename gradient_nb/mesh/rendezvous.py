@@ -1,9 +1,10 @@
 """The rendezvous: introduces peers of any number of named meshes, then gets out of the way.
 
 It relays signaling between the peers of a mesh (addressed by peer id; the sender of every message is
-the peer that proved its key at connect time), serves the first state sync from a pycrdt-websocket
-``YRoom`` per mesh, checks an optional join secret, and answers ``GET /health``. It never carries model
-traffic, and the mesh keeps working without it once links exist.
+the peer that proved its key at connect time), serves the first state sync from a verifying
+:class:`~.state.Replica` per mesh (it keeps only records signed by their owners, so it relays but cannot
+forge, delete or roll back anything), checks an optional join secret, and answers ``GET /health``. It
+never carries model traffic, and the mesh keeps working without it once links exist.
 
 One websocket per peer, ``/mesh/<name>``, carries msgpack messages with a type field ``t``:
 
@@ -13,7 +14,7 @@ One websocket per peer, ``/mesh/<name>``, carries msgpack messages with a type f
 - ``signal`` {to, env} from a peer is forwarded as ``signal`` {from, env}; an unknown target gets
   ``signal-error`` {to, message}. The envelope is signed end to end by the sender (see ``signaling``):
   the rendezvous cannot forge or alter it.
-- ``y`` {data}: Yjs sync messages between the peer and the mesh's room.
+- ``y`` {data}: state sync messages (``state._Session``) between the peer and the mesh's replica.
 - server ``joined`` / ``left`` {peer} as peers come and go.
 """
 
@@ -31,9 +32,9 @@ from typing import Any
 
 import msgpack
 from aiohttp import WSMsgType, web
-from pycrdt.websocket import WebsocketServer
 
 from .identity import peer_id_of, verify_signature
+from .state import STALE_AFTER_S, Replica
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ def secret_mac(secret: str, nonce: bytes) -> bytes:
 
 
 class YChannel:
-    """The Yjs messages multiplexed on a rendezvous websocket, as the pycrdt ``Channel`` that a
-    ``YRoom`` (server side) or a ``Provider`` (peer side) syncs through. The websocket's reader feeds
-    ``inbox``; ``None`` there ends the channel."""
+    """The state sync messages multiplexed on a rendezvous websocket, as the channel that a replica's
+    sync session runs over (either side). The websocket's reader feeds ``inbox``; ``None`` there ends
+    the channel."""
 
     def __init__(self, ws: Any, path: str) -> None:
         self._ws = ws
@@ -92,6 +93,7 @@ class _Mesh:
     name: str
     peers: dict[str, web.WebSocketResponse] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
+    state: Replica = field(default_factory=Replica)
 
 
 class Rendezvous:
@@ -101,8 +103,7 @@ class Rendezvous:
         self.host, self.port = host, port
         self.secret = secret if secret is not None else os.environ.get("GRADIENT_NB_SECRET") or None
         self._meshes: dict[str, _Mesh] = {}
-        self._yserver = WebsocketServer(auto_clean_rooms=False)
-        self._ytask: asyncio.Task | None = None
+        self._gc_task: asyncio.Task | None = None
         self._runner: web.AppRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
         self.refused = 0
@@ -113,8 +114,7 @@ class Rendezvous:
         return f"ws://{host}:{self.port}"
 
     async def start(self) -> Rendezvous:
-        self._ytask = asyncio.create_task(self._yserver.start(), name="rendezvous-yserver")
-        await asyncio.wait_for(self._yserver.started.wait(), 10)
+        self._gc_task = asyncio.create_task(self._forget_loop(), name="rendezvous-state-gc")
         app = web.Application()
         app.router.add_get("/health", self._health)
         app.router.add_get("/mesh/{name}", self._mesh_socket)
@@ -133,13 +133,24 @@ class Rendezvous:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self._ytask is not None:
-            with contextlib.suppress(Exception):
-                await self._yserver.stop()
-            self._ytask.cancel()
-            with contextlib.suppress(BaseException):
-                await self._ytask
-            self._ytask = None
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+            await asyncio.gather(self._gc_task, return_exceptions=True)
+            self._gc_task = None
+
+    async def _forget_loop(self) -> None:
+        """Forget the records of owners long silent, and the meshes nobody is in any more."""
+        while True:
+            await asyncio.sleep(STALE_AFTER_S / 4)
+            for name, mesh in list(self._meshes.items()):
+                mesh.state.refresh()
+                if not mesh.peers and not mesh.state.export():
+                    del self._meshes[name]
+
+    def rejected(self, mesh: str) -> dict[str, int]:
+        """State records (and junk) the replica of ``mesh`` refused, by reason."""
+        m = self._meshes.get(mesh)
+        return dict(m.state.rejected) if m is not None else {}
 
     async def __aenter__(self) -> Rendezvous:
         return await self.start()
@@ -151,7 +162,9 @@ class Rendezvous:
         return web.json_response({
             "ok": True,
             "secret_required": self.secret is not None,
-            "meshes": {m.name: {"peers": len(m.peers)} for m in self._meshes.values() if m.peers},
+            "meshes": {m.name: {"peers": len(m.peers), "state_records": len(m.state.export()),
+                                "state_rejected": m.state.forged_entries}
+                       for m in self._meshes.values() if m.peers},
         })
 
     async def _refuse(self, ws: web.WebSocketResponse, code: str, message: str) -> web.WebSocketResponse:
@@ -206,9 +219,8 @@ class Rendezvous:
         mesh.names[peer_id] = str(hello.get("name", ""))[:64]
         await ws.send_bytes(msgpack.packb({"t": "welcome", "peers": [p for p in mesh.peers if p != peer_id]}))
         await self._broadcast(mesh, {"t": "joined", "peer": peer_id}, exclude=peer_id)
-        room = await self._yserver.get_room(mesh_name)
         channel = YChannel(ws, f"{mesh_name}/{peer_id}")
-        room_task = asyncio.create_task(room.serve(channel), name=f"room-{peer_id[:8]}")
+        room_task = asyncio.create_task(mesh.state.sync(channel).start(), name=f"room-{peer_id[:8]}")
         try:
             await self._relay(ws, mesh, peer_id, channel)
         finally:

@@ -193,9 +193,11 @@ async def test_join_secret_forged_state_and_bad_frames(procs) -> None:
         await wait_for_peers(mesh, 2)
         # A forged registry entry (a key signed by someone else than the peer it names) is ignored.
         mallory = Identity.generate()
-        forged = sign_record(mallory, {"peer_id": pid, "name": "evil", "seq": 10**6, "ts": time.time()})
-        mesh.state.doc.get("peers", type=__import__("pycrdt").Map)["f" * 40] = msgpack.packb(forged)
-        mesh.state.doc.get("peers", type=__import__("pycrdt").Map)[pid + "x"] = b"\x00garbage"
+        forged = sign_record(mallory, {"owner": pid, "ns": "peers", "name": "", "seq": time.time_ns(),
+                                       "ts": time.time(), "value": {"name": "evil"}})
+        await mesh.connect(pid)  # sent raw on the link's state channel, as a hostile peer would
+        await mesh._links[pid].link.transports["state"].send(
+            msgpack.packb({"t": "rec", "r": [msgpack.packb(forged), b"\x00garbage"]}))
         view = await _eventually(lambda: _forged_seen(mesh, pid), 10, "the forged entries to be rejected")
         assert sorted(view["peers"]) == sorted([pid, mesh.id])
         assert {p.name for p in mesh.peers()} == {"good", "driver"}

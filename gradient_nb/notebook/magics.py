@@ -573,12 +573,20 @@ class GradientMagics(Magics):
         except SessionError as exc:
             raise UsageError(str(exc)) from None
         monitor = ServingMonitor(s)
+        previous = s.serving_monitor
+
+        def failed(exc: BaseException) -> None:
+            monitor.failed(exc)
+            if previous is not None and s.server is not None:  # refused before touching: the old serve runs on
+                previous.resume()
+                s.serving_monitor = previous
+
         try:
-            s.start_serve(cfg, on_error=monitor.failed)
+            s.start_serve(cfg, on_error=failed)
         except SessionError as exc:
             raise UsageError(str(exc)) from None
-        if s.serving_monitor is not None:
-            s.serving_monitor.replaced()
+        if previous is not None:
+            previous.replaced()
         s.serving_monitor = monitor.show()
         s.monitors.append(monitor)
 

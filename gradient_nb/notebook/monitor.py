@@ -128,16 +128,25 @@ class ServingMonitor(_Refreshing):
                                              "margin": {"t": 40, "b": 40}})
         self.box = widgets.VBox([self.status, self.layers, self.speed, self.queue])
         self._shown_layers: list[Any] = []
+        self._last = ""  # what it served and how, while it was ready
 
     def failed(self, exc: BaseException) -> None:
         from .magics import short_message
 
         text = short_message(exc) or f"{type(exc).__name__}: {exc}"
         log.info("serving failed", exc_info=exc)
+        running = self.session.server is not None
+        after = ("the serve before this cell goes on" if running else
+                 "nothing was left running; fix the cell and run it again")
         self.status.value = (f"<b>parallax</b>: <span style='color:#c62828'>serving failed: "
-                             f"{html.escape(text)}</span> (nothing was left running: fix the cell and run it again)")
+                             f"{html.escape(text)}</span> ({after})")
         self._final = True
         self.stop()
+
+    def resume(self) -> None:
+        """Follow the serve again (a later cell that would have replaced it failed)."""
+        self._final = False
+        self.start()
 
     def replaced(self) -> None:
         """A later ``%%parallax serve`` cell took over: this dashboard stops following."""
@@ -157,7 +166,8 @@ class ServingMonitor(_Refreshing):
         s = self.session
         server, engine = s.server, s.engine
         if s.mesh is None and s._join_task is None:
-            return "<b>parallax</b>: not serving (this kernel left the mesh)"
+            last = f" ({self._last})" if self._last else ""
+            return f"<b>parallax</b>: not serving: this kernel left the mesh{last}"
         if server is None:
             return "<b>parallax</b>: starting to serve…"
         mine = f"layers {server.layers[0]}–{server.layers[1]}" if server.layers else "no layers yet"
@@ -174,6 +184,9 @@ class ServingMonitor(_Refreshing):
         names = {p.id: p.name for p in s.mesh.peers()} if s.mesh is not None else {}
         route = " → ".join(f"{html.escape(names.get(st.peer_id, st.peer_id[:8]))} [{st.start}:{st.end}]"
                            for st in chain)
+        # What it did, kept for the line shown after a leave.
+        closed = f"; its OpenAI API at <code>{html.escape(s.api.url)}</code> is closed" if s.api is not None else ""
+        self._last = f"it served {html.escape(server.model_id)}, {mine}; last route: {route}{closed}"
         return (f"<b>parallax</b>: serving {html.escape(server.model_id)} (this kernel: {mine}); "
                 f"ready, route: {route}{api}")
 

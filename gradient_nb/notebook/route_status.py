@@ -43,9 +43,11 @@ def _fmt(ranges: list[tuple[int, int]]) -> str:
 
 
 def explain(mesh: Any, engine: Any, known_names: dict[str, str] | None = None, *,
-            starting: bool = False) -> RouteStatus:
+            departed: dict[str, tuple[int, int]] | None = None, starting: bool = False) -> RouteStatus:
     """Why ``engine`` has no route on ``mesh`` now. ``known_names``: peer id -> name for peers that may
-    have left (the live ones are named from the registry); ``starting``: this kernel's serve is starting."""
+    have left (the live ones are named from the registry); ``departed``: peer id -> the layers it served
+    when last seen, for peers no longer live (the coordinator's re-plan forgets them, the user should
+    not); ``starting``: this kernel's serve is starting."""
     from ..serve.coordinator import allocation_of, serving_peers
 
     model, num = engine.model_name, engine.info.num_layers
@@ -82,6 +84,11 @@ def explain(mesh: Any, engine: Any, known_names: dict[str, str] | None = None, *
         return RouteStatus(f"the peers of {model} are re-routing", True)
     never = _ranges(set(range(num)) - assigned)
     parts = [f"layers {_fmt(missing)} of {model} are not served now"]
+    gone_ids = {st.peer_id for st in alloc.stages() if st.peer_id not in live}
+    missing_set = set(range(num)) - covered
+    for pid, (s, e) in sorted((departed or {}).items(), key=lambda kv: kv[1]):
+        if pid not in live and pid not in gone_ids and missing_set & set(range(s, e)):
+            left.append(f"{name(pid)} ({s}–{e}) left the mesh")
     parts += left + loading
     if never and not left:
         parts.append(f"no live peer was given {_fmt(never)} (their memory, or fixed ranges, "

@@ -554,6 +554,24 @@ class NotebookSession:
             self._seen_names.update({p.id: p.name for p in self.mesh.peers()})
         return self._seen_names
 
+    def _departed(self) -> dict[str, tuple[int, int]]:
+        """Peers this kernel saw serving layers that are no longer live: id -> the layers they last held."""
+        if self.mesh is None:
+            return {}
+        live = {p.id for p in self.mesh.peers()}
+        out: dict[str, tuple[int, int]] = {}
+        with contextlib.suppress(Exception):
+            df = self.mesh.metrics("peers")
+            if not df.is_empty():
+                for pid, s, e in df.drop_nulls("layer_start").select("peer", "layer_start", "layer_end").rows():
+                    if pid not in live:
+                        out[pid] = (int(s), int(e))  # rows are in time order: the last one wins
+        return out
+
+    def _explain(self, engine: Any) -> RouteStatus:
+        return explain(engine.mesh, engine, self._names(), departed=self._departed(),
+                       starting=self._serving_starts())
+
     def route_status(self) -> RouteStatus | None:
         """Why no request can be routed now (``None``: one can, or nothing is served yet from here)."""
         from ..serve.pipeline import NoRoute
@@ -565,7 +583,7 @@ class NotebookSession:
             engine.current_route()
             return None
         except NoRoute:
-            return explain(self.mesh, engine, self._names(), starting=self._serving_starts())
+            return self._explain(engine)
 
     def _serving_starts(self) -> bool:
         return (self._serve_task is not None and not self._serve_task.done()) or "gradient-nb-spawn" in self.busy
@@ -610,7 +628,7 @@ class NotebookSession:
                     return engine
                 status = RouteStatus(f"{live} of {serving_peers} peers serve {engine.model_name}", True)
             except NoRoute:
-                status = explain(engine.mesh, engine, self._names(), starting=self._serving_starts())
+                status = self._explain(engine)
             waited = time.monotonic() - start
             if waited > limit:
                 raise NoRouteNow(f"no route after {waited:.0f} s: {status.message}")

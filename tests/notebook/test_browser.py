@@ -221,8 +221,9 @@ def test_quickstart_runs_in_jupyterlab(lab: tuple[str, Path]) -> None:
                 timeout=300_000)
             # The serving dashboard's three plotly figures and the topology of the three peers rendered.
             page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=T)
+            # The route while serving, or, once the last cells left the mesh, the route it had.
             page.wait_for_function("[...document.querySelectorAll('.jp-OutputArea-output')]"
-                                   ".some(e => e.textContent.includes('ready, route:'))", timeout=T)
+                                   ".some(e => /ready, route:|last route:/.test(e.textContent))", timeout=T)
             page.screenshot(path=str(ARTIFACTS / "quickstart-lab.png"), full_page=True)
             # The last cell waits for the leave: the notebook ends outside any mesh.
             page.wait_for_function("[...document.querySelectorAll('.jp-OutputArea-output')]"

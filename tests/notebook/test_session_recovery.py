@@ -1,11 +1,14 @@
 """The notebook session as a state machine: a newcomer's mistakes, in a real kernel, each one leaving the
 session usable, with a one-line message and no traceback (issue 19).
 
-One kernel, a local mesh it introduces itself, the bundled model served by the kernel alone (half of it
-first, so that an ask has no route), small answers.
+One kernel, a local mesh it introduces itself, the bundled model served by the kernel (half of it first,
+so that an ask has no route) and a volunteer it spawns for the other half, then kills; small answers.
 """
 
 from __future__ import annotations
+
+import os
+import signal
 
 import pytest
 from kernel_driver import CellResult, Kernel
@@ -68,6 +71,18 @@ def test_mistakes_leave_the_session_usable(kernel: Kernel) -> None:
     server = kernel.value("id(nb.server)")
     short_error(kernel.run("%%parallax serve\nlayers: 40:50", ok=False), "do not fit", "30 layers")
     assert kernel.value("[id(nb.server), nb.server.layers, nb.server.runtime is not None]") == [server, [0, 15], True]
+
+    # A volunteer serves the other half: an ask that waits for the route gets its answer.
+    kernel.run("%mesh spawn 1 --serve default --layers 15:30")
+    kernel.run("%%parallax ask --max-tokens 8 --wait 200\nWhat is the capital of France?", timeout=SERVED + 30)
+    assert "Paris" in kernel.value("nb.last_answer")
+    # It goes away (killed): the next ask names it, and the layers it took with it.
+    pid = kernel.value("nb.local_peers[0].pid")
+    os.kill(pid, signal.SIGKILL)
+    kernel.wait_value("[p.name for p in nb.mesh.peers()]", lambda names: "volunteer-1" not in names, timeout=60,
+                      what="the volunteer to be dropped")
+    short_error(kernel.run("%%parallax ask --max-tokens 4\nHello", ok=False, timeout=60),
+                "volunteer-1 (15–30) left the mesh")
 
     # The corrected cell just works, in the same mesh; an ask that waits for the route gets its answer.
     kernel.run("%%parallax serve\nlayers: 0:30\nmemory_cap: 2G")

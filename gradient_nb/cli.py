@@ -65,8 +65,8 @@ async def _cmd_rendezvous(args: argparse.Namespace) -> int:
     return await _until_signalled(main)
 
 
-async def _cmd_peer(args: argparse.Namespace) -> int:
-    from .mesh import diagnostics
+async def _cmd_peer(args: argparse.Namespace, setup: Callable[[Any], None] | None = None) -> int:
+    """``gradient-nb peer``; ``setup(mesh)`` runs once joined (tests add their diag services there)."""
     from .mesh.errors import JoinRefused
     from .mesh.identity import Identity
     from .mesh.peer import join
@@ -94,7 +94,8 @@ async def _cmd_peer(args: argparse.Namespace) -> int:
             return 2
         server = None
         try:
-            diagnostics.install(mesh)
+            if setup is not None:
+                setup(mesh)
             if args.serve:
                 from .serve.node import ServingPeer
                 from .verify import attach_commitments
@@ -209,7 +210,7 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
 async def _cmd_serve(args: argparse.Namespace) -> int:
     import time
 
-    from .serve.cluster import start_local_cluster
+    from .serve.cluster import split_cap, start_local_cluster
     from .serve.sampling import SamplingParams
     from .verify import attach_verification
 
@@ -217,10 +218,14 @@ async def _cmd_serve(args: argparse.Namespace) -> int:
     if layers is not None and len(layers) != args.peers:
         raise SystemExit(f"error: --layers gives {len(layers)} ranges for {args.peers} peers")
     t0 = time.perf_counter()
-    print(f"starting a local mesh: embedded rendezvous, {args.peers} serving peer processes, this entry peer")
+    # By default each peer offers too little memory for the whole model, so the scheduler must split it.
+    cap = None if args.whole_model or layers or args.quantization else \
+        split_cap(args.peers, args.model, {"float32": 4.0}.get(args.dtype, 2.0))
+    print(f"starting a local mesh: embedded rendezvous, {args.peers} serving peer processes, this entry peer"
+          + (f"; each peer offers {cap / 2**20:.0f} MiB, so the model is split" if cap else ""))
     cluster = await start_local_cluster(args.peers, model=args.model, layers=layers, dtype=args.dtype,
                                         quantization=args.quantization, api=args.api, api_port=args.port,
-                                        api_key=args.api_key)
+                                        api_key=args.api_key, api_host=args.host, memory_cap_bytes=cap)
     try:
         engine = cluster.engine
         attach_verification(engine)
@@ -248,6 +253,8 @@ async def _cmd_serve(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - start
         print(f"\n\n{len(out)} tokens in {elapsed:.2f} s: {len(out) / elapsed:.1f} tokens/s, "
               f"first token after {1000 * (first or 0):.0f} ms")
+        if len(out) > 1:
+            _print_stage_shares(engine, chain, names, (elapsed - (first or 0)) / (len(out) - 1))
         if args.api:
             print(f"OpenAI-compatible API at {cluster.api.url} (Ctrl-C to stop)", flush=True)
 
@@ -258,6 +265,20 @@ async def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         await cluster.stop()
     return 0
+
+
+def _print_stage_shares(engine: Any, chain: list[Any], names: dict[str, str], token_s: float) -> None:
+    """Each stage's share of a decoded token's time (its reported compute), and the rest: messages."""
+    way = "stage to stage" if engine.forwards(chain) else "through the entry (star)"
+    print(f"a token's {1000 * token_s:.1f} ms, {way}:")
+    spent = 0.0
+    for s in chain:
+        ms = engine.stage_compute_ms.get((s.peer_id, s.start, s.end), 0.0)
+        spent += ms
+        print(f"  {names.get(s.peer_id, s.peer_id[:8])}[{s.start}:{s.end}]  {ms:6.1f} ms  "
+              f"{100 * ms / (1000 * token_s):4.0f}%")
+    rest = max(0.0, 1000 * token_s - spent)
+    print(f"  messages and sampling  {rest:6.1f} ms  {100 * rest / (1000 * token_s):4.0f}%")
 
 
 async def _cmd_chat(args: argparse.Namespace) -> int:
@@ -368,7 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--api", action="store_true", help="keep serving an OpenAI-compatible API afterwards")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address the API listens on (0.0.0.0: all)")
     p.add_argument("--api-key", default=None, help="bearer token the API requires")
+    p.add_argument("--whole-model", action="store_true",
+                   help="let each peer offer all its memory (equal peers then each hold the whole model) "
+                        "instead of capping them so that the model is split")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("chat", help="chat with a served model through its OpenAI-compatible API")
@@ -388,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also host a user's stdio (command line) or streamable-HTTP (URL) MCP server")
     p.add_argument("--skill", action="append", default=[], metavar="NAME=DESCRIPTION")
     p.add_argument("--capacity", type=int, default=1, help="concurrent tasks (default: %(default)s)")
+    p.add_argument("--llm", help="OpenAI-compatible base URL of the model the agent answers with (default: no "
+                   "model; tasks are routed straight to the tools)")
+    p.add_argument("--llm-model", default="", help="model name at --llm")
+    p.add_argument("--llm-key", default=None, help="API key for --llm")
     p.add_argument("--heartbeat", type=float, default=2.0)
     p.add_argument("--peer-timeout", type=float, default=10.0)
     _mesh_args(p)

@@ -160,7 +160,13 @@ async def run_volunteer(args: Any, stop: asyncio.Event, emit: Callable[[dict[str
     mesh = await join(args.rendezvous, mesh=args.mesh, name=args.name, secret=args.secret, identity=identity,
                       heartbeat=args.heartbeat, peer_timeout=args.peer_timeout)
     agent = Agent(mesh, name=args.name or mesh.name, skills=skills, servers=servers, capacity=args.capacity,
-                  heartbeat=args.heartbeat)
+                  heartbeat=args.heartbeat, model=args.llm_model if args.llm else "")
+    from .worker import LlmWorker, ToolWorker
+
+    if args.llm:  # the agent answers with a model at an OpenAI-compatible URL, calling its own tools
+        agent.worker = LlmWorker(args.llm, model=args.llm_model, api_key=args.llm_key, toolbox=agent.local).run
+    else:  # no model: tasks are routed to the tools (arithmetic, conversions)
+        agent.worker = ToolWorker(agent.local).run
     try:
         await agent.start()
         emit({"event": "agent", "peer_id": mesh.id, "name": agent.name,

@@ -1,0 +1,102 @@
+"""The requester's side of a run: one agent (``single``/``tools``), Symphony's weighted vote, or the planner.
+
+``Requester(mesh)`` holds this peer's ledger view, its bandit and its run logs; ``await r.run(task,
+mode=..., k=...)`` returns ``{"answer", "run_id", ...}`` and every run streams its events (see
+``events``). Modes:
+
+- ``single``: beacon, one agent answers with chain of thought;
+- ``tools``: beacon, one agent answers in its ReAct loop with its MCP tools;
+- ``vote``: beacon for k agents, each answers independently (different seeds), weighted vote;
+- ``plan``: the planner decomposes and dispatches (``planner.Planner``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ..mesh.errors import MeshError
+from ..mesh.frames import Message
+from .beacon import Beacon, Selector
+from .events import RunLog, Runs
+from .ledger import Ledger
+from .planner import Planner
+from .vote import votes_from, weighted_vote
+
+MODES = ("single", "tools", "vote", "plan")
+
+
+class Requester:
+    def __init__(self, mesh: Any, *, ledger: Ledger | None = None, task_timeout: float = 120.0,
+                 planner_options: dict[str, Any] | None = None) -> None:
+        self.mesh = mesh
+        self.ledger = ledger or Ledger(mesh.state, mesh.identity)
+        self.selector = Selector(self.ledger)
+        self.runs = Runs()
+        self.task_timeout = task_timeout
+        self.planner = Planner(mesh, self.ledger, self.selector, **(planner_options or {}))
+
+    async def run(self, task: str, *, mode: str = "single", k: int = 3, log: RunLog | None = None) -> dict[str, Any]:
+        if mode not in MODES:
+            raise ValueError(f"mode is one of {', '.join(MODES)}, not {mode!r}")
+        log = log or self.runs.new()
+        if mode == "plan":
+            out = await self.planner.run(task, log, mode="tools")
+        else:
+            out = await self._ask(task, mode, k if mode == "vote" else 1, log)
+        return {**out, "run_id": log.run_id, "mode": mode}
+
+    async def _ask(self, task: str, mode: str, k: int, log: RunLog) -> dict[str, Any]:
+        beacon = Beacon.for_task(task, k=k)
+        log.emit("beacon", beacon=beacon.id, task=task, k=k)
+        bids = await self.selector.collect_bids(self.mesh, beacon)
+        for b in bids:
+            log.emit("bid", agent=b["agent"], score=round(float(b["score"]), 4))
+        chosen = self.selector.choose(beacon, bids)
+        if not chosen:
+            log.emit("final", answer=None, error="no agent bid")
+            return {"answer": None, "error": "no agent bid"}
+        for c in chosen:
+            log.emit("select", agent=c["agent"], name=c.get("name"), value=round(float(c["value"]), 4))
+        worker_mode = "tools" if mode == "tools" else "single"
+
+        async def one(i: int, agent: str) -> dict[str, Any] | None:
+            log.emit("dispatch", agent=agent, mode=worker_mode)
+            t0 = time.perf_counter()
+            header = {"task": task, "mode": worker_mode, "temperature": 0.7 if mode == "vote" else 0.0, "seed": i}
+            try:
+                reply = await self.mesh.call(agent, "agent.task", Message(header), timeout=self.task_timeout)
+            except MeshError as exc:
+                self._outcome(beacon, agent, False, t0)
+                log.emit("error", agent=agent, error=f"{type(exc).__name__}: {exc}")
+                return None
+            for call in reply.header.get("tool_calls") or []:
+                log.emit("tool_call", agent=agent, tool=call.get("tool"), arguments=call.get("arguments"))
+                log.emit("tool_result", agent=agent, tool=call.get("tool"), result=call.get("result"),
+                         error=call.get("error"))
+            return {**reply.header, "agent": agent, "seconds": time.perf_counter() - t0}
+
+        replies = [r for r in await asyncio.gather(*(one(i, c["agent"]) for i, c in enumerate(chosen))) if r]
+        tokens = sum(int(r.get("tokens") or 0) for r in replies)
+        if mode != "vote":
+            r = replies[0] if replies else None
+            if r is not None:
+                self._outcome(beacon, r["agent"], r.get("answer") is not None, time.perf_counter() - r["seconds"])
+            answer = None if r is None else r.get("answer")
+            log.emit("final", answer=answer, agent=None if r is None else r["agent"])
+            return {"answer": answer, "tokens": tokens, "agents": [x["agent"] for x in replies]}
+        votes = votes_from(replies, self.ledger.reputation)
+        winner, tally = weighted_vote(votes)
+        log.emit("vote", tally=tally, votes=[{"agent": v.agent, "answer": v.answer, "weight": round(v.weight, 4)}
+                                             for v in votes])
+        for v, r in zip(votes, replies, strict=True):
+            self._outcome(beacon, v.agent, winner is not None and v.answer == winner,
+                          time.perf_counter() - r["seconds"])
+        log.emit("final", answer=winner)
+        return {"answer": winner, "tally": tally, "tokens": tokens, "agents": [v.agent for v in votes]}
+
+    def _outcome(self, beacon: Beacon, agent: str, ok: bool, t0: float) -> None:
+        self.selector.learn(beacon, agent, ok)
+        self.ledger.record_outcome(agent, f"{beacon.id}-{agent[:8]}", success=ok,
+                                   latency_ms=(time.perf_counter() - t0) * 1000)

@@ -168,8 +168,9 @@ def format_peers(snapshot: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for lk in snapshot["links"]:
         rtt = f"{lk['rtt_ms']:.2f} ms" if lk.get("rtt_ms") is not None else "?"
-        kind = "relayed" if lk.get("relayed") else "direct"
-        lines.append(f"link {lk['a'][:8]} <-> {lk['b'][:8]}  {lk.get('type')}  {kind}  rtt {rtt}")
+        # direct-tcp, webrtc-direct or webrtc-relay (older peers publish no kind)
+        kind = lk.get("kind") or ("webrtc-relay" if lk.get("relayed") else "webrtc-direct")
+        lines.append(f"link {lk['a'][:8]} <-> {lk['b'][:8]}  {kind}  {lk.get('type')}  rtt {rtt}")
     return "\n".join(lines)
 
 
@@ -423,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_agent)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("what", choices=["transport", "nat", "serve", "verify"])
+    p.add_argument("what", choices=["transport", "nat", "serve", "verify", "agents"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
     return parser

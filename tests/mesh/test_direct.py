@@ -205,3 +205,13 @@ async def test_a_silent_peer_is_detected_dead_within_seconds() -> None:
         assert "no reply to pings" in (link.lost_reason or "")
         with pytest.raises(direct.LinkClosed, match="no reply to pings"):
             await recv
+
+
+def test_mesh_status_prints_the_link_kind() -> None:
+    from gradient_nb.cli import format_peers
+
+    snap = {"peers": [], "links": [{"a": "a" * 40, "b": "b" * 40, "kind": "direct-tcp", "type": "host",
+                                    "relayed": False, "rtt_ms": 0.4},
+                                   {"a": "a" * 40, "b": "c" * 40, "type": "relay", "relayed": True, "rtt_ms": 9.0}]}
+    text = format_peers(snap)
+    assert "direct-tcp" in text and "webrtc-relay" in text

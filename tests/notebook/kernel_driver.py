@@ -44,6 +44,7 @@ class Kernel:
         self.kc.wait_for_ready(timeout=60)
         self.widgets: dict[str, dict[str, Any]] = {}  # comm id -> widget state, as a front-end holds it
         self.displays: dict[str, dict[str, Any]] = {}  # display id -> its latest data (updated in place)
+        self.updates: list[tuple[str, dict[str, Any]]] = []  # every widget state change, in order
         self._pending: dict[str, CellResult] = {}
 
     # -- iopub -------------------------------------------------------------------------------------
@@ -55,6 +56,7 @@ class Kernel:
             self.widgets[content["comm_id"]] = dict(content["data"]["state"])
         elif kind == "comm_msg" and content.get("data", {}).get("method") == "update":
             self.widgets.setdefault(content["comm_id"], {}).update(content["data"].get("state", {}))
+            self.updates.append((content["comm_id"], content["data"].get("state", {})))
         elif kind == "comm_close":
             self.widgets.pop(content["comm_id"], None)
         if kind in ("display_data", "update_display_data") and content.get("transient", {}).get("display_id"):

@@ -76,6 +76,9 @@ def test_mistakes_leave_the_session_usable(kernel: Kernel) -> None:
     kernel.run("%mesh spawn 1 --serve default --layers 15:30")
     kernel.run("%%parallax ask --max-tokens 8 --wait 200\nWhat is the capital of France?", timeout=SERVED + 30)
     assert "Paris" in kernel.value("nb.last_answer")
+    # While it waited, the answer's place said why (the volunteer was still joining, then loading).
+    said = [st["value"] for _, st in kernel.updates if "waiting for a route:" in st.get("value", "")]
+    assert any("15–30" in v for v in said), said
     # It goes away (killed): the next ask names it, and the layers it took with it.
     pid = kernel.value("nb.local_peers[0].pid")
     os.kill(pid, signal.SIGKILL)

@@ -215,3 +215,10 @@ def test_mesh_status_prints_the_link_kind() -> None:
                                    {"a": "a" * 40, "b": "c" * 40, "type": "relay", "relayed": True, "rtt_ms": 9.0}]}
     text = format_peers(snap)
     assert "direct-tcp" in text and "webrtc-relay" in text
+
+
+async def test_bench_transport_direct_row_smoke() -> None:
+    from gradient_nb.bench.transport import _measure_direct
+
+    row = await _measure_direct(1024, 5, 64 << 10, 256 << 10)
+    assert row["tls"] == "TLSv1.3" and row["rtt_median_ms"] > 0 and row["bulk_mb_s"] > 0

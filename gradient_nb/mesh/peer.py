@@ -41,7 +41,7 @@ from .identity import Identity
 from .link import Link, LinkFailed, answer_link, offer_link
 from .rendezvous import YChannel, hello_signature_payload, secret_mac
 from .rpc import CallContext, RpcEndpoint, Services
-from .signaling import EnvelopeOpener, seal
+from .signaling import EnvelopeOpener, SignalRelay, seal
 from .state import MeshState
 from .transport import LinkClosed, Transport
 
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 30.0
 # How long join() tries to link to the mesh before it gives up and explains why (NATs, no TURN).
 JOIN_LINK_TIMEOUT = 15.0
-RELAY_TTL = 3
 # Services every peer runs for the mesh itself: left out of what the UI shows.
 INTERNAL_SERVICES = ("mesh.", "dht.", "diag.")
 
@@ -165,7 +164,10 @@ class Mesh:
         self._link_history: deque[dict[str, Any]] = deque(maxlen=20000)
         self._peer_history: deque[dict[str, Any]] = deque(maxlen=20000)
         self.dht = Dht(_DhtNetwork(self), identity)
-        self.services.unary("mesh.relay", self._on_relay)
+        self.signals = SignalRelay(self.id, links=lambda: self._links, records=lambda: self.state.peers(),
+                                   via_rendezvous=self._signal_via_rendezvous,
+                                   deliver=lambda env: self._spawn(self._on_signal(env), "mesh-signal"))
+        self.services.unary("mesh.relay", self.signals.on_relay)
         self.services.unary("mesh.ping", self._on_ping)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -389,50 +391,17 @@ class Mesh:
     def rendezvous_connected(self) -> bool:
         return self._ws is not None and not self._ws.closed
 
-    # -- signaling -----------------------------------------------------------------------------
+    # -- signaling (routing of sealed envelopes: signaling.SignalRelay) ---------------------------
     async def _send_signal(self, to: str, kind: str, body: dict[str, Any]) -> None:
         env = seal(self.identity, mesh=self.mesh_name, to=to, kind=kind, body=body, secret=self.secret)
+        await self.signals.send(to, env)
+
+    async def _signal_via_rendezvous(self, to: str, env: bytes) -> bool:
         if self._ws is not None and not self._ws.closed and to in self._rendezvous_peers:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await self._ws.send_bytes(msgpack.packb({"t": "signal", "to": to, "env": env}))
-                return
-        await self._relay_signal(to, env, RELAY_TTL)
-
-    def _relays_toward(self, to: str) -> list[str]:
-        """Linked peers, those that say they have a link to ``to`` first."""
-        linked = [p for p in self._links if p != to]
-        direct = []
-        for pid, rec in self.state.peers().items():
-            if pid in linked and any(lk.get("peer") == to for lk in rec.get("links", [])):
-                direct.append(pid)
-        return direct + [p for p in linked if p not in direct]
-
-    async def _relay_signal(self, to: str, env: bytes, ttl: int) -> None:
-        if to in self._links:
-            await self._links[to].rpc.call("mesh.relay", Message({"to": to, "env": env, "ttl": 0}), timeout=10)
-            return
-        if ttl <= 0:
-            raise PeerUnreachable(f"no path to peer {to[:8]} for signaling")
-        errors = []
-        for relay in self._relays_toward(to)[:3]:
-            try:
-                await self._links[relay].rpc.call("mesh.relay", Message({"to": to, "env": env, "ttl": ttl - 1}),
-                                                  timeout=10)
-                return
-            except (MeshError, KeyError, TimeoutError) as exc:
-                errors.append(f"{relay[:8]}: {exc}")
-        raise PeerUnreachable(f"cannot reach peer {to[:8]} for signaling: the rendezvous is gone and no "
-                              f"linked peer could relay ({'; '.join(errors) or 'no links'})")
-
-    async def _on_relay(self, msg: Message, ctx: CallContext) -> Message:
-        to, env, ttl = msg.header.get("to"), msg.header.get("env"), msg.header.get("ttl", 0)
-        if not isinstance(to, str) or not isinstance(env, bytes) or not isinstance(ttl, int):
-            raise ValueError("mesh.relay needs to, env and ttl")
-        if to == self.id:
-            self._spawn(self._on_signal(env), "mesh-signal")
-        else:
-            await self._relay_signal(to, env, min(ttl, RELAY_TTL))
-        return Message({"ok": True})
+                return True
+        return False
 
     async def _on_ping(self, msg: Message, ctx: CallContext) -> Message:
         return Message({"t": time.time()}, dict(msg.tensors))

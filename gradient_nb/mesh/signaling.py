@@ -7,6 +7,11 @@ SDP inside carries the sender's DTLS certificate fingerprint, and aiortc refuses
 certificate does not match it: signing the SDP binds the link's encryption to the peer's identity, and a
 man in the middle at the rendezvous cannot impersonate a peer. With a join secret, an HMAC over the
 signed bytes proves that the sender knows the secret too.
+
+:class:`SignalRelay` routes envelopes: through the rendezvous while it is connected and knows the
+receiver, otherwise over up to three linked peers (those whose records say they link to the
+receiver first), at most :data:`RELAY_TTL` hops. Relays only forward: they cannot read a secret
+out of, nor alter, what they carry.
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgpack
 
-from .errors import JoinRefused, SignatureInvalid
+from .errors import JoinRefused, MeshError, PeerUnreachable, SignatureInvalid
+from .frames import Message
 from .identity import Identity, sign_record, verify_record
 
 MAX_AGE_S = 120.0
+RELAY_TTL = 3
 KINDS = ("offer", "answer", "reject")
 
 
@@ -80,3 +88,59 @@ class EnvelopeOpener:
             raise SignatureInvalid("replayed signaling envelope")
         self._seen[nonce] = now
         return payload
+
+
+class SignalRelay:
+    """Delivers sealed envelopes to peers, and serves ``mesh.relay`` for others.
+
+    ``links()``: this peer's links by peer id (each with an ``rpc`` endpoint); ``records()``: the
+    registry records by peer id (their ``links`` say who links to whom); ``via_rendezvous(to, env)``:
+    sends through the rendezvous, False when it cannot; ``deliver(env)``: an envelope for us."""
+
+    def __init__(self, me: str, *, links: Callable[[], Mapping[str, Any]],
+                 records: Callable[[], Mapping[str, dict[str, Any]]],
+                 via_rendezvous: Callable[[str, bytes], Awaitable[bool]],
+                 deliver: Callable[[bytes], object]) -> None:
+        self.me = me
+        self._links, self._records = links, records
+        self._via_rendezvous, self._deliver = via_rendezvous, deliver
+
+    async def send(self, to: str, env: bytes) -> None:
+        if not await self._via_rendezvous(to, env):
+            await self.relay(to, env, RELAY_TTL)
+
+    def toward(self, to: str) -> list[str]:
+        """Linked peers, those that say they have a link to ``to`` first."""
+        linked = [p for p in self._links() if p != to]
+        direct = [pid for pid, rec in self._records().items()
+                  if pid in linked and any(lk.get("peer") == to for lk in rec.get("links", []))]
+        return direct + [p for p in linked if p not in direct]
+
+    async def relay(self, to: str, env: bytes, ttl: int) -> None:
+        links = self._links()
+        if to in links:
+            await links[to].rpc.call("mesh.relay", Message({"to": to, "env": env, "ttl": 0}), timeout=10)
+            return
+        if ttl <= 0:
+            raise PeerUnreachable(f"no path to peer {to[:8]} for signaling")
+        errors = []
+        for relay in self.toward(to)[:3]:
+            try:
+                await self._links()[relay].rpc.call("mesh.relay", Message({"to": to, "env": env, "ttl": ttl - 1}),
+                                                    timeout=10)
+                return
+            except (MeshError, KeyError, TimeoutError) as exc:
+                errors.append(f"{relay[:8]}: {exc}")
+        raise PeerUnreachable(f"cannot reach peer {to[:8]} for signaling: the rendezvous is gone and no "
+                              f"linked peer could relay ({'; '.join(errors) or 'no links'})")
+
+    async def on_relay(self, msg: Message, ctx: Any) -> Message:
+        """The ``mesh.relay`` handler: deliver here, or pass on (the hop count only shrinks)."""
+        to, env, ttl = msg.header.get("to"), msg.header.get("env"), msg.header.get("ttl", 0)
+        if not isinstance(to, str) or not isinstance(env, bytes) or not isinstance(ttl, int):
+            raise ValueError("mesh.relay needs to, env and ttl")
+        if to == self.me:
+            self._deliver(env)
+        else:
+            await self.relay(to, env, min(ttl, RELAY_TTL))
+        return Message({"ok": True})

@@ -70,3 +70,46 @@ def test_malformed_envelopes_are_refused_cleanly(junk: bytes) -> None:
     _, _, opener = _pair()
     with pytest.raises(SignatureInvalid):
         opener.open(junk)
+
+
+async def test_signal_relay_routes_over_linked_peers_without_the_rendezvous() -> None:
+    """a -- b -- c: with no rendezvous, a's envelope for c goes through b (who says it links to c)."""
+    from types import SimpleNamespace
+
+    from gradient_nb.mesh.errors import PeerUnreachable
+    from gradient_nb.mesh.rpc import RpcEndpoint, Services
+    from gradient_nb.mesh.signaling import SignalRelay
+    from gradient_nb.mesh.transport import memory_pair
+
+    got: dict[str, list[bytes]] = {"a": [], "b": [], "c": []}
+    links: dict[str, dict] = {"a": {}, "b": {}, "c": {}}
+    relays = {}
+
+    async def no_rendezvous(to: str, env: bytes) -> bool:
+        return False
+
+    def records() -> dict:
+        return {n: {"links": [{"peer": p} for p in links[n]]} for n in links}
+
+    for name in links:
+        relays[name] = SignalRelay(name, links=lambda n=name: links[n], records=records,
+                                   via_rendezvous=no_rendezvous, deliver=got[name].append)
+    endpoints = []
+    for x, y in (("a", "b"), ("b", "c")):
+        tx, ty = memory_pair()
+        for me, other, t in ((x, y, tx), (y, x, ty)):
+            services = Services()
+            services.unary("mesh.relay", relays[me].on_relay)
+            rpc = RpcEndpoint(t, services, remote_id=other)
+            await rpc.start()
+            endpoints.append(rpc)
+            links[me][other] = SimpleNamespace(rpc=rpc)
+    try:
+        assert relays["a"].toward("c") == ["b"]
+        await relays["a"].send("c", b"envelope")
+        assert got["c"] == [b"envelope"] and not got["b"]
+        with pytest.raises(PeerUnreachable):
+            await relays["a"].send("nobody", b"x")
+    finally:
+        for rpc in endpoints:
+            await rpc.close()

@@ -396,12 +396,17 @@ class Mesh:
         env = seal(self.identity, mesh=self.mesh_name, to=to, kind=kind, body=body, secret=self.secret)
         await self.signals.send(to, env)
 
-    async def _signal_via_rendezvous(self, to: str, env: bytes) -> bool:
-        if self._ws is not None and not self._ws.closed and to in self._rendezvous_peers:
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await self._ws.send_bytes(msgpack.packb({"t": "signal", "to": to, "env": env}))
-                return True
-        return False
+    async def _signal_via_rendezvous(self, to: str, env: bytes) -> str | None:
+        """Send through the rendezvous (None), or say why not."""
+        if self._ws is None or self._ws.closed:
+            return "the rendezvous is not connected"
+        if to not in self._rendezvous_peers:
+            return "the rendezvous does not list that peer"
+        try:
+            await self._ws.send_bytes(msgpack.packb({"t": "signal", "to": to, "env": env}))
+        except (ConnectionError, RuntimeError) as exc:
+            return f"sending through the rendezvous failed ({exc})"
+        return None
 
     async def _on_ping(self, msg: Message, ctx: CallContext) -> Message:
         return Message({"t": time.time()}, dict(msg.tensors))

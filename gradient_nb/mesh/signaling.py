@@ -95,19 +95,21 @@ class SignalRelay:
 
     ``links()``: this peer's links by peer id (each with an ``rpc`` endpoint); ``records()``: the
     registry records by peer id (their ``links`` say who links to whom); ``via_rendezvous(to, env)``:
-    sends through the rendezvous, False when it cannot; ``deliver(env)``: an envelope for us."""
+    sends through the rendezvous and returns None, or says why it could not; ``deliver(env)``: an
+    envelope for us."""
 
     def __init__(self, me: str, *, links: Callable[[], Mapping[str, Any]],
                  records: Callable[[], Mapping[str, dict[str, Any]]],
-                 via_rendezvous: Callable[[str, bytes], Awaitable[bool]],
+                 via_rendezvous: Callable[[str, bytes], Awaitable[str | None]],
                  deliver: Callable[[bytes], object]) -> None:
         self.me = me
         self._links, self._records = links, records
         self._via_rendezvous, self._deliver = via_rendezvous, deliver
 
     async def send(self, to: str, env: bytes) -> None:
-        if not await self._via_rendezvous(to, env):
-            await self.relay(to, env, RELAY_TTL)
+        why = await self._via_rendezvous(to, env)
+        if why is not None:
+            await self.relay(to, env, RELAY_TTL, why)
 
     def toward(self, to: str) -> list[str]:
         """Linked peers, those that say they have a link to ``to`` first."""
@@ -116,7 +118,7 @@ class SignalRelay:
                   if pid in linked and any(lk.get("peer") == to for lk in rec.get("links", []))]
         return direct + [p for p in linked if p not in direct]
 
-    async def relay(self, to: str, env: bytes, ttl: int) -> None:
+    async def relay(self, to: str, env: bytes, ttl: int, why: str = "") -> None:
         links = self._links()
         if to in links:
             await links[to].rpc.call("mesh.relay", Message({"to": to, "env": env, "ttl": 0}), timeout=10)
@@ -131,8 +133,10 @@ class SignalRelay:
                 return
             except (MeshError, KeyError, TimeoutError) as exc:
                 errors.append(f"{relay[:8]}: {exc}")
-        raise PeerUnreachable(f"cannot reach peer {to[:8]} for signaling: the rendezvous is gone and no "
-                              f"linked peer could relay ({'; '.join(errors) or 'no links'})")
+        # Say why the rendezvous was not used: "gone" was reported while it ran, for a peer it
+        # did not know yet.
+        raise PeerUnreachable(f"cannot reach peer {to[:8]} for signaling: {why or 'not through the rendezvous'} "
+                              f"and no linked peer could relay ({'; '.join(errors) or 'no links'})")
 
     async def on_relay(self, msg: Message, ctx: Any) -> Message:
         """The ``mesh.relay`` handler: deliver here, or pass on (the hop count only shrinks)."""

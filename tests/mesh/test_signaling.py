@@ -85,8 +85,8 @@ async def test_signal_relay_routes_over_linked_peers_without_the_rendezvous() ->
     links: dict[str, dict] = {"a": {}, "b": {}, "c": {}}
     relays = {}
 
-    async def no_rendezvous(to: str, env: bytes) -> bool:
-        return False
+    async def no_rendezvous(to: str, env: bytes) -> str:
+        return "the rendezvous is not connected"
 
     def records() -> dict:
         return {n: {"links": [{"peer": p} for p in links[n]]} for n in links}
@@ -108,7 +108,7 @@ async def test_signal_relay_routes_over_linked_peers_without_the_rendezvous() ->
         assert relays["a"].toward("c") == ["b"]
         await relays["a"].send("c", b"envelope")
         assert got["c"] == [b"envelope"] and not got["b"]
-        with pytest.raises(PeerUnreachable):
+        with pytest.raises(PeerUnreachable, match="the rendezvous is not connected"):
             await relays["a"].send("nobody", b"x")
     finally:
         for rpc in endpoints:

@@ -13,6 +13,10 @@ How the parts fit:
   peer), and a joining peer links eagerly to a few others so the state has paths without the
   rendezvous.
 - When both sides offer at once ("glare"), the offer from the lower peer id wins.
+- Where the peer's advertised address answers as that peer, the link is a direct TCP/TLS 1.3 link
+  (``direct``: same channels, certificates bound to the identities) instead of WebRTC; when links
+  cross, both ends keep the same one. A link that stops answering its pings is closed as lost:
+  calls on it fail at once with the retryable ``LinkLost`` and the peer re-links.
 """
 
 from __future__ import annotations
@@ -734,7 +738,8 @@ class Mesh:
         return [p for p in self.peers() if service in p.services]
 
     def links(self) -> dict[str, dict[str, Any]]:
-        """This peer's links by remote peer id: candidate types, relay or not, RTT, bytes moved."""
+        """This peer's links by remote peer id: ``kind`` (direct-tcp, webrtc-direct, webrtc-relay),
+        candidate types, relay or not, RTT (robust to queued pings), bytes moved."""
         out = {}
         for pid, pl in self._links.items():
             s = pl.link.stats()

@@ -20,6 +20,7 @@ Two sources, one draw rule (``serve.sampling``'s seeded Gumbel-max draw):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import secrets
 from collections.abc import Sequence
@@ -59,6 +60,13 @@ class MixedVersions(RuntimeError):
     """A stage answered a rollout with another adapter version than the batch was sampled for."""
 
 
+def group_seeds(seed: int, index: int, n: int) -> list[int]:
+    """The sampling seeds of the ``n`` completions of the ``index``-th group of a batch seeded ``seed``:
+    the same in every sampler, so the co-located and the mesh samplers draw the same tokens from the
+    same weights."""
+    return [random.Random(f"{seed}:{index}:{i}").randrange(1 << 62) for i in range(n)]
+
+
 def _spec(temperature: float, seed: int, step: int) -> dict[str, Any]:
     return {"temperature": float(temperature), "top_p": 1.0, "seed": seed, "step": step}
 
@@ -89,11 +97,11 @@ class LocalSampler:
         self.n, self.max_tokens, self.temperature = num_generations, max_tokens, temperature
         self.eos = set(eos_ids)
 
-    def group(self, prompt: Prompt, seed: int) -> Group:
+    def group(self, prompt: Prompt, seed: int, index: int = 0) -> Group:
         tok = self.policy.tokenizer
         ids = prompt_ids(tok, prompt)
         model = self.policy.model
-        seeds = [random.Random(seed * 1000 + i).randrange(1 << 62) for i in range(self.n)]
+        seeds = group_seeds(seed, index, self.n)
         outs: list[list[int]] = [[] for _ in range(self.n)]
         lps: list[list[float]] = [[] for _ in range(self.n)]
         done = [False] * self.n
@@ -179,6 +187,12 @@ class MeshSampler:
         engine.observers.append(self.guard)
         self.step_timeout = step_timeout
 
+    def detach(self) -> None:
+        """Give the engine back as it was (its EOS handling, no version guard)."""
+        with contextlib.suppress(ValueError):
+            self.engine.observers.remove(self.guard)
+        self.engine.eos_ids = set(self.eos)
+
     async def _one(self, ids: list[int], seed: int) -> tuple[list[int], list[float]]:
         params = SamplingParams(temperature=self.temperature, top_p=1.0, max_tokens=self.max_tokens, seed=seed)
         toks: list[int] = []
@@ -204,8 +218,7 @@ class MeshSampler:
         tok = self.engine.tokenizer
         self.guard.reset(run, version)
         all_ids = [prompt_ids(tok, p) for p in prompts]
-        seeds = [[random.Random(seed * 1000 + 31 * j + i).randrange(1 << 62) for i in range(self.n)]
-                 for j in range(len(prompts))]
+        seeds = [group_seeds(seed, j, self.n) for j in range(len(prompts))]
         outs = await asyncio.gather(*(self._one(ids, s) for ids, ss in zip(all_ids, seeds, strict=True) for s in ss))
         self.guard.check()
         chain = ",".join(sorted(p[:8] for p in self.guard.peers))

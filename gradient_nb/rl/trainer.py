@@ -62,6 +62,8 @@ class EchoConfig:
     num_generations: int = 8
     prompts_per_step: int = 1
     learning_rate: float = 2e-3
+    max_grad_norm: float = 1.0  # TRL's default; 0 turns clipping off
+    lr_scheduler_type: str = "linear"  # TRL's default (to 0 over `steps`); or "constant"
     lora_rank: int = 8
     lora_alpha: float = 16.0
     max_staleness: int = 4
@@ -130,6 +132,9 @@ class Trainer:
                                        seed=cfg.seed)
         torch.manual_seed(cfg.seed)
         self.optimizer = torch.optim.AdamW(self.policy.trainable(), lr=cfg.learning_rate, weight_decay=0.0)
+        # TRL's default schedule: linear decay to 0 over the run's steps.
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda i: max(0.0, 1.0 - i / cfg.steps) if cfg.lr_scheduler_type == "linear" else 1.0)
         self.history: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         # A step and a snapshot of the adapter for publishing run in worker threads: never interleaved.
         self.lock = threading.Lock()
@@ -207,7 +212,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss, stats = self.loss(groups)
             loss.backward()
+            if self.cfg.max_grad_norm > 0:
+                stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.policy.trainable(), self.cfg.max_grad_norm))
             self.optimizer.step()
+            self.schedule.step()
             self.policy.version += 1
             self._remember()
         stats.update(loss=float(loss.detach()), version=self.policy.version, train_s=time.perf_counter() - t0)
@@ -369,9 +377,15 @@ class EchoRun:
             self.state.status, self.state.error = "failed", f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            if self.publisher is not None:
-                self.publisher.close()
+            self.close()
         return self.state
+
+    def close(self) -> None:
+        """Withdraw the trainer's chunk service and give the engine back (``run`` does it when it ends)."""
+        if self.publisher is not None:
+            self.publisher.close()
+        if self.sampler is not None:
+            self.sampler.detach()
 
     async def _run_in_turn(self) -> None:
         local = None
@@ -379,15 +393,16 @@ class EchoRun:
             eos = {self.trainer.policy.tokenizer.eos_token_id} - {None}
             local = LocalSampler(self.trainer.policy, self.task, num_generations=self.cfg.num_generations,
                                  max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature, eos_ids=eos)
-        for step in range(self.cfg.steps):
+        for _ in range(self.cfg.steps):
             if self._stop.is_set():
                 return
             t0 = time.perf_counter()
             if local is not None:
                 prompts = self._prompts()
                 ts = time.perf_counter()
-                groups = [await asyncio.to_thread(local.group, p, self.cfg.seed * 7919 + step * 31 + j)
-                          for j, p in enumerate(prompts)]
+                self._batch_seed += 1
+                seed = self.cfg.seed * 7919 + self._batch_seed
+                groups = [await asyncio.to_thread(local.group, p, seed, j) for j, p in enumerate(prompts)]
                 info = {"sync_ms": 0.0, "sync_bytes": 0, "sample_s": time.perf_counter() - ts,
                         "samples": sum(len(g.rollouts) for g in groups)}
             else:
@@ -396,6 +411,14 @@ class EchoRun:
             stats.update(info, step_s=time.perf_counter() - t0)
             stats["samples_per_s"] = info["samples"] / stats["step_s"]
             self._record(stats)
+
+    def admit(self, groups: list[Group]) -> int | None:
+        """The batch's lag in versions, or None (dropped and counted) past ``max_staleness``."""
+        lag = self.trainer.policy.version - min(g.version for g in groups)
+        if lag > self.cfg.max_staleness:
+            self.state.dropped_stale += 1
+            return None
+        return lag
 
     async def _run_async(self) -> None:
         # One producer: it samples batch k+1 while the trainer trains on batch k (different machines),
@@ -423,9 +446,8 @@ class EchoRun:
                         raise failed[0].exception()  # a producer's loud failure ends the run loudly
                     raise RolloutTimeout(f"no rollout batch within {self.cfg.rollout_deadline_s:.0f} s")
                 groups, info = getter.result()
-                lag = self.trainer.policy.version - groups[0].version
-                if lag > self.cfg.max_staleness:
-                    self.state.dropped_stale += 1
+                lag = self.admit(groups)
+                if lag is None:
                     continue
                 stats = await asyncio.to_thread(self.trainer.train_step, groups)
                 samples += info["samples"]

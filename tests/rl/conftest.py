@@ -58,3 +58,33 @@ class Swarm:
             if not mesh._closed:
                 await self.kill(i)
         await self.rv.stop()
+
+
+@pytest.fixture(scope="session")
+def warm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model after a short supervised warm start on answers of the format task's shape."""
+    return tiny_char_model(tmp_path_factory.mktemp("rl") / "warm", warm_steps=150)
+
+
+@pytest.fixture
+def swarm() -> type[Swarm]:
+    """``async with swarm(path, n, lease_s) as sw``: an in-process mesh of samplers and a trainer."""
+    return Swarm
+
+
+async def until(predicate, timeout: float = 60.0) -> None:
+    """Wait (polling) until ``predicate()`` is true."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+def wait_for():
+    return until

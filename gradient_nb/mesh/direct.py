@@ -92,8 +92,13 @@ MAX_PENDING_HANDSHAKES = 64
 DEFAULT_MAX_MESSAGE_SIZE = 64 << 20
 DEFAULT_CREDIT_WINDOW = 8 << 20
 PING_INTERVAL = 1.0
-# Nothing heard (frames or pongs) for this long, and 3 pings in a row unanswered: the link is dead.
-DEAD_AFTER = 4.0
+# A broken path (a NAT that forgot the mapping, a host gone) is found by the kernel: TCP keepalive
+# probes every second once idle, and TCP_USER_TIMEOUT for unacknowledged data; either way the
+# connection errors out within ~5 s. The kernel acknowledges for a peer whose event loop is busy
+# (a notebook cell computing), so that is no false alarm. The pings' own limit is for a peer that
+# is connected but answers nothing for this long (3 pings in a row unanswered, too).
+TCP_DEAD_AFTER = 5.0
+DEAD_AFTER = 20.0
 
 
 class DirectLinkFailed(MeshError, ConnectionError):
@@ -277,12 +282,13 @@ class DirectLink:
         self.remote_address = f"{peer[0]}:{peer[1]}" if peer else None
         self.local_address = f"{local[0]}:{local[1]}" if local else None
         if sock is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                # The kernel drops a connection whose data stays unacknowledged this long (a NAT
-                # that forgot the mapping): a second, lower-level dead-link detector.
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", 18),
-                                int(dead_after * 1000) + 1000)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, int(TCP_DEAD_AFTER) - 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(TCP_DEAD_AFTER * 1000))
         self.transports: dict[str, _Channel] = {
             label: _Channel(self, label, cid, max_message_size, credit_window) for label, cid in CHANNELS.items()}
         self._by_id = {t._cid: t for t in self.transports.values()}

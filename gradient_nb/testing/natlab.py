@@ -518,17 +518,19 @@ class NatLab:
         except OSError:
             return ""
 
-    def forget_mappings(self, host: str, *, udp_ports: str = "1024-1999") -> None:
-        """``host``'s NAT forgets every mapping, as after a router reboot, and maps new UDP flows to
-        other public ports (``udp_ports``): links through the old UDP mappings are dead from then on.
-        The flush is ``conntrack -F`` done with one ctnetlink message (the conntrack tool is not
-        installed here); the new port range is a MASQUERADE rule put before the old one."""
+    def forget_mappings(self, host: str, *, ports: str = "1024-1999", protocols: Sequence[str] = ("udp",)) -> None:
+        """``host``'s NAT forgets every mapping, as after a router reboot, and maps new flows of
+        ``protocols`` to other public ports (``ports``): links through their old mappings are dead
+        from then on (other flows are picked up again on the same port, as a NAT that preserves
+        ports does). The flush is ``conntrack -F`` done with one ctnetlink message (the conntrack
+        tool is not installed here); the new port range is a MASQUERADE rule put before the old one."""
         self._check_host(host)
         if self.hosts[host] == "public":
             raise LabError(f"{host} has no NAT")
         x = ["ip", "netns", "exec", self._router_ns(host)]
-        _run([*x, "iptables", "-w", "5", "-t", "nat", "-I", "POSTROUTING", "1", "-o", "wan", "-p", "udp",
-              "-j", "MASQUERADE", "--to-ports", udp_ports])
+        for proto in protocols:
+            _run([*x, "iptables", "-w", "5", "-t", "nat", "-I", "POSTROUTING", "1", "-o", "wan", "-p", proto,
+                  "-j", "MASQUERADE", "--to-ports", ports])
         _run([*x, sys.executable, "-c", _CONNTRACK_FLUSH])
 
     def describe(self) -> dict[str, Any]:

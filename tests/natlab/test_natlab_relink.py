@@ -2,7 +2,7 @@
 flows. The link is found dead from its pings, in-flight calls fail at once with the retryable
 ``LinkLost`` (not a 30 s ``CallTimeout``), the mesh re-links by itself, and calls and streams work
 again over the new link. Two peers behind two cone NATs (a WebRTC link: neither can dial the other's
-private address). Needs root.
+private address), and a NATed peer with a public one (a direct TCP link). Needs root.
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ SCRIPT = str(Path(__file__).with_name("relink_peer.py"))
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[NatLab]:
-    with NatLab({"cone1": "cone", "cone2": "cone"}, keep_workdir=False) as lab:
+    with NatLab({"cone1": "cone", "cone2": "cone", "pub1": "public"}, keep_workdir=False) as lab:
         yield lab
 
 
-def test_a_forgotten_nat_mapping_fails_calls_fast_and_the_mesh_relinks(lab: NatLab) -> None:
+@pytest.mark.parametrize(("server_host", "kinds", "protocols"), [
+    ("cone2", ("webrtc-direct", "webrtc-relay"), ("udp",)),  # two NATs: a WebRTC link, found dead by pings
+    ("pub1", ("direct-tcp",), ("tcp",)),  # the NATed peer dials the public one: TCP, found dead by the kernel
+], ids=["webrtc", "direct-tcp"])
+def test_a_forgotten_nat_mapping_fails_calls_fast_and_the_mesh_relinks(
+        lab: NatLab, server_host: str, kinds: tuple[str, ...], protocols: tuple[str, ...]) -> None:
     rendezvous, url = start_rendezvous(lab)
     procs = [rendezvous]
     try:
@@ -40,13 +45,13 @@ def test_a_forgotten_nat_mapping_fails_calls_fast_and_the_mesh_relinks(lab: NatL
             procs.append(p)
             return p
 
-        server = spawn("cone2", "serve")
+        server = spawn(server_host, "serve")
         peer_id = read_json_line(server, 90)["peer_id"]
         driver = spawn("cone1", "drive", peer_id)
         flowing = read_json_line(driver, 120)
-        assert flowing["streaming"] and flowing["kind"] in ("webrtc-direct", "webrtc-relay"), flowing
+        assert flowing["streaming"] and flowing["kind"] in kinds, flowing
 
-        lab.forget_mappings("cone1")
+        lab.forget_mappings("cone1", protocols=protocols)
         driver.stdin.write("broken\n")
         driver.stdin.flush()
 
@@ -57,7 +62,7 @@ def test_a_forgotten_nat_mapping_fails_calls_fast_and_the_mesh_relinks(lab: NatL
         resumed = read_json_line(driver, 120)
         print("resumed:", resumed)
         assert resumed["resumed"], resumed
-        assert resumed["kind"] in ("webrtc-direct", "webrtc-relay") and resumed["rtt_ms"] is not None
+        assert resumed["kind"] in kinds and resumed["rtt_ms"] is not None
     finally:
         for p in reversed(procs):
             lab.stop(p)

@@ -92,7 +92,7 @@ async def _cmd_peer(args: argparse.Namespace, setup: Callable[[Any], None] | Non
         except JoinRefused as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        server = None
+        server = sampler = None
         try:
             if setup is not None:
                 setup(mesh)
@@ -105,10 +105,16 @@ async def _cmd_peer(args: argparse.Namespace, setup: Callable[[Any], None] | Non
                                      dtype=args.dtype, quantization=args.quantization, layers=layers,
                                      memory_cap_bytes=_parse_size(args.memory_cap))
                 attach_commitments(server)  # a volunteer's outputs are verifiable by default
+                from .rl.sampler import attach_sampler
+
+                # Every serving peer is an RL sampler a trainer can sync (echo.sync); --adapter serves a LoRA.
+                sampler = attach_sampler(server, adapter=args.adapter)
                 await server.start()
             _emit({"event": "joined", "peer_id": mesh.id, "name": mesh.name, "mesh": mesh.mesh_name})
             await stop.wait()
         finally:
+            if sampler is not None:
+                await sampler.stop()
             if server is not None:
                 # An owner that is gone took its other peers with it: no one would take the layers over.
                 await server.stop(handover_timeout=0 if owner is not None and owner.gone else 30.0)
@@ -226,10 +232,14 @@ async def _cmd_serve(args: argparse.Namespace) -> int:
           + (f"; each peer offers {cap / 2**20:.0f} MiB, so the model is split" if cap else ""))
     cluster = await start_local_cluster(args.peers, model=args.model, layers=layers, dtype=args.dtype,
                                         quantization=args.quantization, api=args.api, api_port=args.port,
-                                        api_key=args.api_key, api_host=args.host, memory_cap_bytes=cap)
+                                        api_key=args.api_key, api_host=args.host, memory_cap_bytes=cap,
+                                        peer_args=["--adapter", args.adapter] if args.adapter else None)
     try:
         engine = cluster.engine
-        attach_verification(engine)
+        if args.adapter:  # the verifier recomputes with the base weights: an adapted model is not comparable
+            print(f"serving with the LoRA adapter {args.adapter}; outputs are not verified")
+        else:
+            attach_verification(engine)
         names = {p.id: p.name for p in cluster.mesh.peers()}
         print(f"mesh ready in {time.perf_counter() - t0:.1f} s; model {engine.model_name} "
               f"({engine.info.num_layers} layers)")
@@ -333,6 +343,17 @@ async def _cmd_agent(args: argparse.Namespace) -> int:
     return await _until_signalled(lambda stop: run_volunteer(args, stop, _emit))
 
 
+async def _cmd_echo_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .rl.headless import train_headless
+    from .rl.trainer import EchoConfig
+
+    cfg = EchoConfig.from_yaml(Path(args.config).read_text())
+    state = await train_headless(cfg, peers=args.peers, emit=_emit)
+    return 0 if state.status == "done" else 1
+
+
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -360,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", choices=["int8", "nf4"], help="quantize this peer's layers")
     p.add_argument("--memory-cap", help="offer at most this much memory, e.g. 2G")
+    p.add_argument("--adapter", metavar="PATH", help="serve with this LoRA adapter (peft folder) merged in")
     p.add_argument("--threads", type=int, help="CPU threads for this peer's model work (default: torch's, all "
                    "cores); leave cores to the machine's owner, or split them between peers on one host")
     _mesh_args(p)
@@ -395,7 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whole-model", action="store_true",
                    help="let each peer offer all its memory (equal peers then each hold the whole model) "
                         "instead of capping them so that the model is split")
+    p.add_argument("--adapter", metavar="PATH", help="a LoRA adapter (peft folder, e.g. saved by echo train) "
+                   "that every serving peer merges into its layers")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("echo", help="RL post-training (GRPO over LoRA) with samplers on a local mesh")
+    esub = p.add_subparsers(dest="echo_command", required=True)
+    e = esub.add_parser("train", help="train as CONFIG.yaml says (the keys of %%%%echo train), print metrics")
+    e.add_argument("config", help="YAML file: task, mode, steps, num_generations, learning_rate, ...")
+    e.add_argument("--peers", type=int, default=2, help="sampler processes for sequential/async (default 2)")
+    e.set_defaults(func=_cmd_echo_train)
 
     p = sub.add_parser("chat", help="chat with a served model through its OpenAI-compatible API")
     p.add_argument("--url", default="http://127.0.0.1:8000/v1")
@@ -424,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_agent)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("what", choices=["transport", "nat", "serve", "verify", "agents"])
+    p.add_argument("what", choices=["transport", "nat", "serve", "verify", "agents", "echo"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
     return parser

@@ -8,6 +8,8 @@ and the folder loads through the same paths as a real model (``resolve_model``, 
 
 from __future__ import annotations
 
+import os
+import shutil
 import string
 from pathlib import Path
 
@@ -27,9 +29,11 @@ def tiny_char_model(path: str | Path, *, hidden: int = 64, layers: int = 4, head
     from tokenizers import Tokenizer, decoders, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    out = Path(path)
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
+    final = Path(path)
+    if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
+        return final
+    # Written aside and renamed into place: concurrent test sessions never see half a folder.
+    out = final.with_name(f".{final.name}.{os.getpid()}")
     out.mkdir(parents=True, exist_ok=True)
     chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
     vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
@@ -50,7 +54,12 @@ def tiny_char_model(path: str | Path, *, hidden: int = 64, layers: int = 4, head
     if warm_steps:
         _warm_start(model, fast, warm_steps, seed)
     model.save_pretrained(out)
-    return out
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(out, final)
+    except OSError:  # another process finished first
+        shutil.rmtree(out, ignore_errors=True)
+    return final
 
 
 def _warm_start(model: torch.nn.Module, tok: object, steps: int, seed: int) -> None:

@@ -61,9 +61,12 @@ class Swarm:
 
 
 @pytest.fixture(scope="session")
-def warm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model after a short supervised warm start on answers of the format task's shape."""
-    return tiny_char_model(tmp_path_factory.mktemp("rl") / "warm", warm_steps=150)
+def warm() -> Path:
+    """The tiny model after a short supervised warm start on answers of the format task's shape (built once
+    per machine, ~20 s on 2 idle cores, kept under $GRADIENT_NB_HOME)."""
+    from gradient_nb.models.loader import home
+
+    return tiny_char_model(home() / "models" / "tiny-char-warm-150", warm_steps=150)
 
 
 @pytest.fixture

@@ -35,7 +35,8 @@ class Procs:
         return p, json.loads(line)["url"]
 
     def peer(self, url: str, name: str, *extra: str, mesh: str = "default") -> subprocess.Popen:
-        p = spawn_peer(url, name=name, mesh=mesh, extra=[*FAST_PEER, *extra])
+        # Test peers offer the diag.* services (production peers do not).
+        p = spawn_peer(url, name=name, mesh=mesh, extra=[*FAST_PEER, *extra], module="gradient_nb.testing.diagpeer")
         self.all.append(p)
         return p
 

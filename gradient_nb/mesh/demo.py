@@ -38,7 +38,9 @@ async def run_demo(peers: int = 3) -> int:
     home.mkdir(parents=True, exist_ok=True)
     async with Rendezvous() as rv:
         print(f"rendezvous: {rv.url} (embedded)")
-        procs = [spawn_peer(rv.url, name=f"volunteer-{i + 1}") for i in range(peers)]
+        # Local demo peers: they also offer the diag.* test services the demo calls (volunteers do not).
+        procs = [spawn_peer(rv.url, name=f"volunteer-{i + 1}", module="gradient_nb.testing.diagpeer")
+                 for i in range(peers)]
         try:
             ids = [(await read_event(p))["peer_id"] for p in procs]
             mesh = await join(rv.url, name="notebook", identity=Identity.generate())

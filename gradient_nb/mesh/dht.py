@@ -28,7 +28,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -147,7 +147,8 @@ class Dht:
     def __init__(self, network: DhtNetwork, identity: Identity, *, k: int = 20, alpha: int = 3,
                  record_ttl: float = 600.0, republish_interval: float | None = None, rpc_timeout: float = 5.0,
                  refresh_interval: float = 300.0, max_ttl: float = 86400.0, max_record_bytes: int = 8192,
-                 max_keys: int = 100_000, max_providers_per_key: int = 256) -> None:
+                 max_keys: int = 100_000, max_providers_per_key: int = 256,
+                 max_keys_per_provider: int = 1024) -> None:
         if network.local_id != identity.peer_id:
             raise ValueError("the network's local id is not the identity's peer id")
         if k < 1 or alpha < 1 or record_ttl <= 0:
@@ -162,6 +163,10 @@ class Dht:
         self.max_ttl = max_ttl
         self.max_record_bytes = max_record_bytes
         self.max_keys, self.max_providers_per_key = max_keys, max_providers_per_key
+        # One peer cannot fill a node's store: it may provide at most this many keys here.
+        self.max_keys_per_provider = max_keys_per_provider
+        self._per_provider: Counter[str] = Counter()
+        self.last_lookup_hops = 0  # query rounds the last lookup needed to reach its answer
         self.stats = DhtStats()
         self.table = RoutingTable(self.local_id, k)
         # key id -> provider id -> (signed record, payload)
@@ -332,6 +337,10 @@ class Dht:
             return  # we hold a fresher (or the same) record already
         if old is None and len(providers) >= self.max_providers_per_key:
             raise ValueError("too many providers for this key")
+        if old is None and self._per_provider[payload["peer_id"]] >= self.max_keys_per_provider:
+            raise ValueError(f"this node stores at most {self.max_keys_per_provider} keys per provider")
+        if old is None:
+            self._per_provider[payload["peer_id"]] += 1
         providers[payload["peer_id"]] = (record, payload)
         self.stats.records_stored += 1
 
@@ -341,8 +350,7 @@ class Dht:
             return []
         now = time.time()
         for pid in [pid for pid, (_, p) in providers.items() if p["expires"] <= now]:
-            del providers[pid]  # drop expired records as soon as anyone asks, not only at the next sweep
-            self.stats.records_expired += 1
+            self._drop(providers, pid)  # drop expired records as soon as anyone asks, not only at the next sweep
         if not providers:
             del self._store[kid]
         return list(providers.values())
@@ -352,10 +360,16 @@ class Dht:
         for kid in list(self._store):
             providers = self._store[kid]
             for pid in [pid for pid, (_, p) in providers.items() if p["expires"] <= now]:
-                del providers[pid]
-                self.stats.records_expired += 1
+                self._drop(providers, pid)
             if not providers:
                 del self._store[kid]
+
+    def _drop(self, providers: dict[str, Any], pid: str) -> None:
+        del providers[pid]
+        self.stats.records_expired += 1
+        self._per_provider[pid] -= 1
+        if self._per_provider[pid] <= 0:
+            del self._per_provider[pid]
 
     def stored_records(self) -> int:
         """How many unexpired provider records this node holds for others (and itself)."""
@@ -372,6 +386,8 @@ class Dht:
         deadline = loop.time() + timeout
         t = int(target, 16)
         seen: set[str] = set(self.table.closest(target, self.k))
+        depth = dict.fromkeys(seen, 1)  # query round in which we could first ask each node
+        hops = 0
         queried: set[str] = set()
         failed: set[str] = set()
         found: dict[str, dict[str, Any]] = {}
@@ -409,14 +425,20 @@ class Dht:
                         for n in nodes[:2 * self.k]:
                             if is_peer_id(n) and n != self.local_id:
                                 seen.add(n)
+                                depth.setdefault(n, depth.get(peer, 1) + 1)
                     if providers_key is not None:
+                        before = len(found)
                         self._collect(reply.get("records"), providers_key, found)
+                        if len(found) > before and not hops:
+                            hops = depth.get(peer, 1)
         finally:
             for task in in_flight:
                 task.cancel()
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
         closest = by_distance(queried - failed - set(p for p in in_flight.values()))[:self.k]
+        # Hops: the round that reached the first provider record, or (node lookups) the closest node.
+        self.last_lookup_hops = hops or (depth.get(closest[0], 1) if closest else 0)
         return closest, found
 
     def _collect(self, records: Any, key: str, found: dict[str, dict[str, Any]]) -> None:

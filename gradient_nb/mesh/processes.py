@@ -81,9 +81,10 @@ def release_child(proc: subprocess.Popen) -> None:
 
 
 def spawn_peer(url: str, *, name: str, mesh: str = "default", extra: list[str] | None = None,
-               env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``gradient-nb peer`` as an owned child; its first stdout line is a JSON 'joined' event."""
-    cmd = [sys.executable, "-m", "gradient_nb.cli", "peer", "--rendezvous", url, "--mesh", mesh,
+               env: dict[str, str] | None = None, module: str = "gradient_nb.cli") -> subprocess.Popen:
+    """Start ``gradient-nb peer`` as an owned child; its first stdout line is a JSON 'joined' event.
+    ``module`` runs another entry point with the same options (tests: ``gradient_nb.testing.diagpeer``)."""
+    cmd = [sys.executable, "-m", module, "peer", "--rendezvous", url, "--mesh", mesh,
            "--name", name, "--ephemeral", *(extra or [])]
     return spawn_owned(cmd, env={**os.environ, **(env or {})})
 

@@ -15,6 +15,12 @@ spaces never collide.
 - **Bad input.** A frame that fails to decode is counted and, when its call id could be read, answered
   with a ``BadRequest`` error; the endpoint keeps serving. Handler exceptions reach the caller as
   :class:`RemoteError` with the exception's type name and message (no traceback).
+- **Limits per peer.** Every offered method has a :class:`Limit`: a token bucket per (calling peer,
+  method) and a bound on the request's size. The buckets live in :class:`Services`, shared by all of a
+  peer's links, so a caller cannot reset them by linking again. A call over its limit is refused before
+  its handler runs, with a ``RateLimited`` or ``TooLarge`` error reply that says the limit, and counted
+  (``RpcStats.rate_limited`` / ``too_large``, ``Services.refused``). Defaults are generous for the data
+  path (a token per call, 1000/s) and tight for the mesh's own bookkeeping (``dht.*``, ``mesh.*``).
 - **Sending.** One lock serialises whole frames on the transport (a link chunks large frames, so two
   concurrent sends must not interleave). Each send runs as a task the endpoint owns, shielded from the
   caller's cancellation, so a cancelled caller never leaves half a frame on the link.
@@ -27,6 +33,7 @@ import collections
 import contextlib
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
@@ -92,14 +99,82 @@ class RpcStats:
     timeouts_out: int = 0
     deadlines_exceeded_in: int = 0
     dropped_control_frames: int = 0
+    rate_limited: int = 0
+    too_large: int = 0
+
+
+@dataclass(frozen=True)
+class Limit:
+    """Per (calling peer, method): ``rate`` calls a second on average, bursts of up to ``burst``, and
+    requests (the whole frame) of at most ``max_bytes``."""
+
+    rate: float
+    burst: float
+    max_bytes: int = 64 << 20
+
+
+# The data path (shard.forward and friends) runs many small calls a second; the mesh's own services
+# answer a handful a second per peer, so a peer flooding them is refused early.
+DEFAULT_LIMIT = Limit(rate=1000.0, burst=2000.0)
+BUILTIN_LIMITS = {
+    "dht.": Limit(rate=50.0, burst=200.0, max_bytes=64 << 10),
+    "mesh.relay": Limit(rate=20.0, burst=60.0, max_bytes=64 << 10),
+    "mesh.ping": Limit(rate=20.0, burst=60.0, max_bytes=1 << 20),
+}
+MAX_BUCKETS = 50_000
+
+
+class _Bucket:
+    __slots__ = ("at", "tokens")
+
+    def __init__(self, tokens: float, at: float) -> None:
+        self.tokens, self.at = tokens, at
 
 
 class Services:
     """The methods a peer offers; one instance is shared by every endpoint (link) of the peer."""
 
-    def __init__(self) -> None:
+    def __init__(self, default_limit: Limit = DEFAULT_LIMIT) -> None:
         self._unary: dict[str, Handler] = {}
         self._streaming: dict[str, StreamHandler] = {}
+        self.default_limit = default_limit
+        self._limits: dict[str, Limit] = dict(BUILTIN_LIMITS)
+        self._buckets: collections.OrderedDict[tuple[str, str], _Bucket] = collections.OrderedDict()
+        self.refused: collections.Counter[tuple[str, str]] = collections.Counter()  # (peer, method) -> calls
+
+    def limit(self, method_or_prefix: str, limit: Limit) -> None:
+        """Set the limit of a method, or of every method under a prefix ending in ``.``."""
+        self._limits[method_or_prefix] = limit
+
+    def limit_of(self, method: str) -> Limit:
+        if method in self._limits:
+            return self._limits[method]
+        best = max((p for p in self._limits if p.endswith(".") and method.startswith(p)), key=len, default=None)
+        return self._limits[best] if best is not None else self.default_limit
+
+    def admit(self, peer_id: str, method: str, nbytes: int) -> str | None:
+        """None when ``peer_id`` may call ``method`` now with a request of ``nbytes``; otherwise the error
+        code (``TooLarge`` or ``RateLimited``) and the call is counted as refused."""
+        lim = self.limit_of(method)
+        if nbytes > lim.max_bytes:
+            self.refused[(peer_id, method)] += 1
+            return "TooLarge"
+        now = time.monotonic()
+        key = (peer_id, method)
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = _Bucket(lim.burst, now)
+            if len(self._buckets) > MAX_BUCKETS:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            b.tokens = min(lim.burst, b.tokens + (now - b.at) * lim.rate)
+            b.at = now
+        if b.tokens < 1.0:
+            self.refused[key] += 1
+            return "RateLimited"
+        b.tokens -= 1.0
+        return None
 
     @staticmethod
     def _check(method: str) -> None:
@@ -363,7 +438,7 @@ class RpcEndpoint:
                     self._on_bad_frame(exc)
                     continue
                 try:
-                    self._dispatch(frame)
+                    self._dispatch(frame, len(data))
                 except Exception:
                     # A bug here must not take the link down with it; count it like a bad frame.
                     self.stats.bad_frames += 1
@@ -403,10 +478,10 @@ class RpcEndpoint:
         elif not p.done():
             p.set_exception(error)
 
-    def _dispatch(self, frame: Frame) -> None:
+    def _dispatch(self, frame: Frame, nbytes: int = 0) -> None:
         kind, call_id = frame.kind, frame.call_id
         if kind in ("call", "stream-call"):
-            self._on_call(frame)
+            self._on_call(frame, nbytes)
         elif kind == "cancel":
             inc = self._incoming.pop(call_id, None)
             if inc is not None and inc.task is not None:
@@ -448,7 +523,7 @@ class RpcEndpoint:
                 p._fail(BadFrame("the peer sent more stream items than it was granted"))
                 self._cancel_remote(call_id)
 
-    def _on_call(self, frame: Frame) -> None:
+    def _on_call(self, frame: Frame, nbytes: int = 0) -> None:
         call_id, method = frame.call_id, frame.method
         if call_id in self._incoming:
             self.stats.bad_frames += 1  # a reused id of a call still running: the peer is confused
@@ -466,6 +541,18 @@ class RpcEndpoint:
             self._send_error_soon(call_id, "UnknownMethod", f"no method {method!r}")
             return
         kind, handler = entry
+        refused = self.services.admit(self.remote_id, method, nbytes)
+        if refused is not None:
+            lim = self.services.limit_of(method)
+            if refused == "TooLarge":
+                self.stats.too_large += 1
+                why = f"a {nbytes}-byte request exceeds the {lim.max_bytes}-byte limit of {method!r}"
+            else:
+                self.stats.rate_limited += 1
+                why = (f"more than {lim.rate:g} calls/s (bursts of {lim.burst:g}) to {method!r} from this peer; "
+                       f"retry in {1 / lim.rate:.2g} s or later")
+            self._send_error_soon(call_id, refused, why)
+            return
         if (kind == "streaming") != streaming:
             self._send_error_soon(call_id, "BadRequest", f"{method!r} is a {kind} method; "
                                   f"use {'stream()' if kind == 'streaming' else 'call()'}")

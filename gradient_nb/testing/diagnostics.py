@@ -1,4 +1,8 @@
-"""Services every headless peer offers so that a mesh can be checked and measured end to end.
+"""Test-only services that let a test or a lab check and measure a mesh end to end.
+
+Production peers (``gradient-nb peer``) do not offer them: they would let any stranger make a volunteer
+echo bulk data, stream a million items, provide DHT keys and write state in its name. Tests start
+peers that do with ``python -m gradient_nb.testing.diagpeer`` (the same options as ``gradient-nb peer``).
 
 ``diag.echo`` returns what it got (tensors bit for bit); ``diag.count`` streams ``n`` numbered items,
 optionally paced, and records in the mesh state how far it got, so a caller can see that a cancelled
@@ -15,11 +19,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .frames import Message
-from .rpc import CallContext
+from ..mesh.frames import Message
+from ..mesh.rpc import CallContext
 
 if TYPE_CHECKING:
-    from .peer import Mesh
+    from ..mesh.peer import Mesh
 
 MAX_COUNT = 1_000_000
 

@@ -233,8 +233,9 @@ async def _after_rendezvous(mesh: Mesh, args: argparse.Namespace) -> dict[str, A
 
 def peer_argv(url: str, *, name: str, mesh: str, ice: IceConfig, heartbeat: float = 0.5,
               peer_timeout: float = 10.0) -> list[str]:
-    """The ``gradient-nb peer`` command line for a headless peer with these ICE settings."""
-    argv = [sys.executable, "-m", "gradient_nb.cli", "peer", "--rendezvous", url, "--mesh", mesh, "--name", name,
+    """The command line of a headless peer with these ICE settings and the diag services (a
+    ``gradient-nb peer`` plus :mod:`.diagnostics`)."""
+    argv = [sys.executable, "-m", "gradient_nb.testing.diagpeer", "peer", "--rendezvous", url, "--mesh", mesh, "--name", name,
             "--ephemeral", "--heartbeat", str(heartbeat), "--peer-timeout", str(peer_timeout)]
     if ice.stun:
         argv += ["--stun", ice.stun]

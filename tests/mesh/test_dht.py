@@ -375,3 +375,20 @@ async def test_provide_with_no_contacts_stores_locally_and_bad_input_is_refused(
         await net.close()
     with pytest.raises(ValueError):
         Dht(net.add(_identity(78)), _identity(79))
+
+
+async def test_one_provider_cannot_fill_a_nodes_store() -> None:
+    swarm = await Swarm(4, seed=5, max_keys_per_provider=10).start()
+    try:
+        flooder, node = swarm.ids[0], swarm.dhts[2]
+        now = time.time()
+        replies = [await swarm.node(0).call(node.local_id, "dht.add_provider", {"record": sign_record(
+            flooder, {"peer_id": flooder.peer_id, "key": f"diag/{i}", "value": {}, "expires": now + 60})}, 5)
+            for i in range(25)]
+        assert [r["stored"] for r in replies] == [True] * 10 + [False] * 15
+        assert "per provider" in replies[-1]["reason"] and node.stats.records_refused == 15
+        other = swarm.ids[1]
+        assert (await swarm.node(1).call(node.local_id, "dht.add_provider", {"record": sign_record(
+            other, {"peer_id": other.peer_id, "key": "diag/x", "value": {}, "expires": now + 60})}, 5))["stored"]
+    finally:
+        await swarm.close()

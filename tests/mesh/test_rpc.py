@@ -22,7 +22,7 @@ from gradient_nb.mesh.errors import (
     UnknownMethod,
 )
 from gradient_nb.mesh.frames import KINDS, Frame, FrameLimits, Message, decode_frame, encode_frame
-from gradient_nb.mesh.rpc import CallContext, RpcEndpoint, Services
+from gradient_nb.mesh.rpc import CallContext, Limit, RpcEndpoint, Services
 from gradient_nb.mesh.transport import Transport, memory_pair
 
 LIMITS = FrameLimits()
@@ -626,3 +626,51 @@ async def test_transport_protocol_is_what_memory_pair_gives() -> None:
         ep = RpcEndpoint(b, Services())
         await ep.start()
         await ep.call("echo", timeout=5)
+
+
+async def test_a_peer_over_its_rate_or_size_limit_is_refused_with_a_clear_error_and_counted() -> None:
+    """Per (peer, method) token buckets shared by every link of the serving peer: a flooding peer gets
+    RateLimited replies (its handler never runs), another peer is unaffected, a new link does not reset
+    the bucket, and an oversized request gets TooLarge."""
+    services, ran = Services(), []
+
+    async def work(msg: Message, ctx: CallContext) -> Message:
+        ran.append(ctx.peer_id)
+        return Message({"ok": True})
+
+    services.unary("svc.work", work)
+    services.limit("svc.", Limit(rate=0.001, burst=5, max_bytes=4096))  # no refill within the test
+    flooder, other = "f" * 40, "e" * 40
+
+    async def endpoint(remote: str) -> RpcEndpoint:
+        ta, tb = memory_pair()
+        server = RpcEndpoint(tb, services, remote_id=remote)
+        client = RpcEndpoint(ta, Services(), remote_id="s" * 40)
+        await server.start()
+        await client.start()
+        endpoints.extend([server, client])
+        return client
+
+    endpoints: list[RpcEndpoint] = []
+    try:
+        client = await endpoint(flooder)
+        outcomes = []
+        for _ in range(20):
+            try:
+                await client.call("svc.work", Message(), timeout=5)
+                outcomes.append("ok")
+            except RemoteError as exc:
+                outcomes.append(exc.code)
+                assert "calls/s" in exc.remote_message and "svc.work" in exc.remote_message
+        assert outcomes == ["ok"] * 5 + ["RateLimited"] * 15 and ran == [flooder] * 5
+        assert endpoints[0].stats.rate_limited == 15 and services.refused[(flooder, "svc.work")] == 15
+        assert (await (await endpoint(other)).call("svc.work", Message(), timeout=5)).header == {"ok": True}
+        with pytest.raises(RemoteError, match="RateLimited"):  # linking again does not refill the bucket
+            await (await endpoint(flooder)).call("svc.work", Message(), timeout=5)
+        with pytest.raises(RemoteError, match="TooLarge") as big:
+            await (await endpoint("d" * 40)).call("svc.work", Message({}, {"x": torch.zeros(8192)}), timeout=5)
+        assert "4096-byte limit" in big.value.remote_message and endpoints[-2].stats.too_large == 1
+        assert services.limit_of("dht.find_node").rate < services.limit_of("shard.forward").rate
+    finally:
+        for ep in endpoints:
+            await ep.close()

@@ -9,8 +9,9 @@ Where another peer recomputes a stage for the entry (a *helper*), its answer is 
 ``recheck`` is the chance that a helper's answer which cleared the shard is recomputed here too (a
 failing one always is), and ``canary`` the chance that the helper is also sent a job whose answer
 the entry already knows (a past job it recomputed itself, sent as one more fresh prefill: a helper
-cannot tell it from a real one). A helper that colludes with a shard, or answers without computing,
-is caught by either and loses its standing as a verifier.
+cannot tell it from a real one; while the entry knows no job for those layers yet, the real job is
+recomputed here instead, and becomes one). A helper that colludes with a shard, or answers without
+computing, is caught by either and loses its standing as a verifier.
 """
 
 from __future__ import annotations

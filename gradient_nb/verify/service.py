@@ -272,15 +272,19 @@ class VerifyManager:
 
         v, by, mine = None, None, None
         for helper in ([] if s.is_last else self._helpers(s))[:2]:
-            if self.policy.draw_canary() and not await self._canary_passes(helper, s, tol):
-                continue  # caught on a job of known answer: ask the next helper, or recompute here
+            check_here = False
+            if self.policy.draw_canary():
+                if not self._known.get((s.start, s.end, s.precision)):
+                    check_here = True  # no job of known answer for these layers yet: this one becomes one
+                elif not await self._canary_passes(helper, s, tol):
+                    continue  # caught on a job of known answer: ask the next helper, or recompute here
             try:
                 theirs = await self._recompute_remote(helper, s.start, s.end, inputs)
             except (MeshError, TimeoutError, KeyError, ValueError) as exc:
                 log.info("remote recomputation on %s failed (%s)", helper[:8], exc)
                 continue
             v = await asyncio.to_thread(judge, theirs)
-            if v.status == "fail" or self.policy.draw_recheck():
+            if v.status == "fail" or check_here or self.policy.draw_recheck():
                 # A failure is never taken on a helper's word (it may frame the shard), and a pass is
                 # spot-checked (it may launder a partner's work): recompute here, and judge the helper.
                 mine = await self._recompute_local(s, inputs)
@@ -314,10 +318,12 @@ class VerifyManager:
 
     async def _canary_passes(self, helper: str, s: StageAudit, tol: Tolerance) -> bool:
         """Send ``helper`` a job whose answer is known here (one more fresh prefill to it); False if it
-        answered wrongly (it is then failed as a verifier). Without a known job yet, True."""
-        jobs = self._known.get((s.start, s.end, s.precision))
-        if not jobs:
-            return True
+        answered wrongly (it is then failed as a verifier).
+
+        The known jobs are the newest few recomputed here for these layers, so they keep changing; a
+        helper that remembered every input it was ever sent could still spot a replay, which is why
+        passes are also spot-checked on real jobs."""
+        jobs = self._known[(s.start, s.end, s.precision)]
         inputs, known = jobs[secrets.randbelow(len(jobs))]
         try:
             theirs = await self._recompute_remote(helper, s.start, s.end, inputs)

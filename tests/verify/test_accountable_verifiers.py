@@ -1,10 +1,10 @@
-"""Verifiers are accountable: a helper that clears its partner is caught by a canary and by spot-checks.
+"""Verifiers are accountable: a lazy helper that clears its partner is caught by a canary and by spot-checks.
 
-Two `gradient-nb peer --serve` processes hold layers 10:20 with the same test-only fault (a skipped
-layer): the cheat, and its partner, which recomputes whatever the entry asks of it with the same
-dishonest layers, so its answers always agree with the cheat's commitments, i.e. it answers "pass"
-for its partner without doing the honest work. Before the fix the entry took such a pass on the
-helper's word. Now:
+A `gradient-nb peer --serve` process holds layers 10:20 with the test-only fault of a skipped layer
+(the cheat). Its partner, a mesh peer announcing the same layers, computes nothing: it relays every
+job it gets to the cheat and returns the cheat's answer, so whatever the entry asks it to recompute
+agrees with the cheat's commitments, i.e. it answers "pass" for its partner without computing.
+Before the fix the entry took such a pass on the helper's word. Now:
 
 1. a canary: the entry has a job of known answer for 10:20 (the cheat's first request, recomputed
    here while nobody else held the layers); it sends it to the partner as one more fresh prefill,
@@ -83,9 +83,21 @@ async def test_a_helper_clearing_its_partner_is_caught_by_a_canary_and_by_spot_c
         (v1,) = await canaries.verify(await _serve_through(entry, canaries, info.name, cheat, hidden[0]))
         assert v1.status == "fail" and "recomputed by" not in v1.reason, v1.reason
 
-        procs.append(spawn_peer(rv.url, name="partner", env=CHEAT,
-                                extra=["--serve", "default", "--layers", "10:20", *FAST]))
-        partner = (await read_event(procs[1], 120))["peer_id"]
+        lazy = await join(rv.url, name="partner", identity=Identity.generate(), probe_seconds=0.05)
+        meshes.append(lazy)
+        partner = lazy.id
+
+        async def relay(msg: Message, _ctx) -> Message:  # the partner's "recomputation": ask the cheat
+            return await lazy.call(cheat, "shard.forward", msg, timeout=60)
+
+        async def drop(msg: Message, _ctx) -> Message:
+            return await lazy.call(cheat, "shard.drop", msg, timeout=10)
+
+        lazy.offer("shard.forward", relay)
+        lazy.offer("shard.drop", drop)
+        lazy.publish(serving={"model": info.name, "hash": info.content_hash, "num_layers": info.num_layers,
+                              "dtype": "float32", "quantization": None, "memory_cap_bytes": None,
+                              "fixed_layers": [10, 20], "layers": [10, 20], "ready": True}, layers=[10, 20])
         await _ready(entry, partner)
         (v2,) = await canaries.verify(await _serve_through(entry, canaries, info.name, cheat, hidden[1]))
         assert v2.status == "fail" and "recomputed by" not in v2.reason, v2.reason  # not cleared by the partner

@@ -599,3 +599,25 @@ def test_phase_1_uses_throughput_at_the_served_precision_and_accepted_precisions
     (pipe,) = alloc.pipelines
     n = {st.peer_id: st.num_layers for st in pipe}
     assert n[b.id] > n[a.id]
+
+
+def test_phase_1_orders_stages_by_the_registrys_measured_link_rtts() -> None:
+    from gradient_nb.mesh.identity import Identity
+    from gradient_nb.serve.coordinator import Coordinator
+
+    # Ids drawn so that the peer that belongs in the middle (near both others) is not the middle id:
+    # without the links, ties would be broken by id and put another peer there.
+    while True:
+        ids = [Identity.generate() for _ in range(3)]
+        if sorted(i.peer_id for i in ids)[1] != ids[1].peer_id:
+            break
+    a, b, c = (i.peer_id for i in ids)
+    rtt = {frozenset((a, b)): 1.0, frozenset((b, c)): 1.0, frozenset((a, c)): 100.0}
+    meshes = [_Mesh(i, {**_serving(), "free_memory_bytes": 450_000_000,
+                        "links": [{"peer": o, "rtt_ms": rtt[frozenset((i.peer_id, o))]}
+                                  for o in (a, b, c) if o != i.peer_id]}) for i in ids]
+    _sync_all(*meshes)
+    # Each peer holds at most 4 of the 9 layers (3 next to the embedding or head): one 3-stage pipeline.
+    alloc = Coordinator(meshes[0], "m", ModelCost(9, 10**8, 10**8, 10**8, 1, 1e9, 16)).plan_once()
+    (pipe,) = alloc.pipelines
+    assert [st.peer_id for st in pipe][1] == b

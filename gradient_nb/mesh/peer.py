@@ -43,6 +43,7 @@ from .frames import Message
 from .ice import IceConfig, explain_failure, same_network
 from .identity import Identity
 from .link import Link, LinkFailed, answer_link, offer_link
+from .linkcap import LinkCap
 from .rendezvous import YChannel, hello_signature_payload, secret_mac
 from .rpc import CallContext, RpcEndpoint, Services
 from .signaling import EnvelopeOpener, SignalRelay, seal
@@ -168,6 +169,7 @@ class Mesh:
         self._link_history: deque[dict[str, Any]] = deque(maxlen=20000)
         self._peer_history: deque[dict[str, Any]] = deque(maxlen=20000)
         self.dht = Dht(_DhtNetwork(self), identity)
+        self.link_cap = LinkCap()  # at most max_links open, idle ones closed (see linkcap)
         self.signals = SignalRelay(self.id, links=lambda: self._links, records=lambda: self.state.peers(),
                                    via_rendezvous=self._signal_via_rendezvous,
                                    deliver=lambda env: self._spawn(self._on_signal(env), "mesh-signal"))
@@ -504,6 +506,7 @@ class Mesh:
         pl.provider_task = self._spawn(provider.start(), f"mesh-sync-{peer_id[:8]}")
         old = self._links.get(peer_id)
         self._links[peer_id] = pl
+        self.link_cap.touch(peer_id)
         if old is not None and old.link is not link:
             # A newer link replaces it (the other side lost its end, or a crossing link won).
             self._spawn(self._close_peer_link(old), f"mesh-replaced-{peer_id[:8]}")
@@ -697,6 +700,7 @@ class Mesh:
             # the model): run the handler here, failing the way a remote call would.
             return await self._call_self(method, message or Message(), timeout)
         pl = await self._link_to(peer_id, min(timeout, CONNECT_TIMEOUT))
+        self.link_cap.touch(peer_id)
         return await pl.rpc.call(method, message, timeout=timeout)
 
     async def _call_self(self, method: str, message: Message, timeout: float) -> Message:
@@ -718,6 +722,7 @@ class Mesh:
         """Stream the replies of a streaming ``method`` on ``peer_id``. Breaking out of the loop
         cancels the call on the far side."""
         pl = await self._link_to(peer_id, min(timeout, CONNECT_TIMEOUT))
+        self.link_cap.touch(peer_id)
         agen = pl.rpc.stream(method, message, timeout=timeout)
         try:
             async for item in agen:
@@ -813,6 +818,12 @@ class Mesh:
             for pid in chosen[:max(want, 0)]:
                 if pid not in self._connecting:
                     self._spawn(self._quiet_link(pid), f"mesh-eager-{pid[:8]}")
+            for pid, pl in list(self._links.items()):
+                self.link_cap.touch(pid, pl.rpc.last_call)  # calls they made to us count as use too
+            for pid in self.link_cap.to_evict(list(self._links), keep=self.eager_links,
+                                              busy=lambda p: p in self._links and self._links[p].rpc.busy):
+                log.info("closing the idle link to %s (link cap)", pid[:8])
+                await self._drop_link(pid)
             await asyncio.sleep(2.0)
 
     async def _quiet_link(self, peer_id: str) -> None:

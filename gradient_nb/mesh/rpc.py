@@ -239,6 +239,7 @@ class RpcEndpoint:
         self.on_close: list[Callable[[], None]] = []
         self._closed = False
         self._close_reason = ""
+        self.last_call = time.monotonic()  # when a call or stream last started, either way
         self._close_type: type[PeerUnreachable] = PeerUnreachable
         self._next_id = 0
         self._pending: dict[int, asyncio.Future[Message] | _StreamState] = {}
@@ -254,6 +255,11 @@ class RpcEndpoint:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def busy(self) -> bool:
+        """Whether calls are in flight over this endpoint, either way."""
+        return bool(self._pending or self._incoming)
 
     def __repr__(self) -> str:
         return f"RpcEndpoint(remote={self.remote_id[:8]!r}, closed={self._closed})"
@@ -390,6 +396,7 @@ class RpcEndpoint:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         call_id = self._new_id()
+        self.last_call = time.monotonic()
         data = encode_frame(Frame("call", call_id, method=method, deadline=timeout, message=message or Message()),
                             self._send_limits)
         fut: asyncio.Future[Message] = loop.create_future()
@@ -529,6 +536,7 @@ class RpcEndpoint:
             self.stats.bad_frames += 1  # a reused id of a call still running: the peer is confused
             return
         streaming = frame.kind == "stream-call"
+        self.last_call = time.monotonic()
         if streaming:
             self.stats.streams_in += 1
         else:
@@ -711,6 +719,7 @@ class _StreamCall:
         ep._check_open()
         await ep.start()
         self._id = ep._new_id()
+        ep.last_call = time.monotonic()
         data = encode_frame(Frame("stream-call", self._id, method=self._method, deadline=self._timeout,
                                   message=self._message, credit=ep.stream_window), ep._send_limits)
         self._message = Message()  # don't keep the request's tensors alive for the whole stream

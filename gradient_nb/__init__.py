@@ -47,12 +47,14 @@ def __getattr__(name: str) -> Any:
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext gradient_nb``: the magics, and the comm the JupyterLab Mesh panel talks to."""
     from .notebook import autojoin
+    from .notebook.echo_magic import EchoMagics
     from .notebook.magics import GradientMagics
     from .notebook.session import current
     from .notebook.verify_magic import VerifyMagics
 
     ipython.register_magics(GradientMagics)
     ipython.register_magics(VerifyMagics)
+    ipython.register_magics(EchoMagics)
     current()
     # The panel's comm: usually registered at kernel start already (gradient_nb.notebook.autojoin).
     autojoin.register_comm(ipython)

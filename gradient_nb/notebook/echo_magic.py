@@ -1,0 +1,142 @@
+"""``%%echo train`` / ``%echo status|stop|metrics``: RL post-training from a notebook (Echo).
+
+The cell body is YAML with ``EchoConfig``'s keys (task, mode, num_generations, steps, learning_rate,
+lora_rank, max_staleness, samplers: auto / N / names, and TRL's GRPO names). ``colocated`` trains in
+this kernel alone; ``sequential`` and ``async`` sample on the mesh this kernel joined, through the serving
+peers of the model (every ``gradient-nb peer --serve`` is a sampler), with a rollout engine of their own so
+the notebook's other requests are untouched. The run is a task on the kernel's event loop (training
+steps run in a worker thread), so other cells keep running; a live plotly widget shows reward mean/std,
+KL, entropy, staleness, sampler/trainer log-prob mismatch, sync time and samples/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.display import display
+
+from ..rl.trainer import EchoConfig, EchoRun
+from .session import current
+
+USAGE = "usage: %%echo train + a YAML body, or %echo status | stop | metrics"
+PLOTS = [("reward_mean", "reward (mean ± std)"), ("kl", "KL to the reference"), ("entropy", "entropy"),
+         ("staleness", "staleness (versions)"), ("mismatch", "|sampler - trainer| log-prob"),
+         ("sync_ms", "sync (ms)"), ("samples_per_s", "samples/s")]
+
+_RUN: dict[str, Any] = {}
+
+
+class EchoWidget:
+    """A plotly FigureWidget with one panel per metric, updated after every step."""
+
+    def __init__(self) -> None:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=2, cols=4, subplot_titles=[t for _, t in PLOTS])
+        for i, (key, _) in enumerate(PLOTS):
+            fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name=key,
+                                     error_y={"type": "data", "array": []} if key == "reward_mean" else None),
+                          row=i // 4 + 1, col=i % 4 + 1)
+        fig.update_layout(height=420, showlegend=False, margin={"t": 40, "b": 20, "l": 30, "r": 10})
+        self.figure = go.FigureWidget(fig)
+
+    def update(self, metrics: list[dict[str, Any]]) -> None:
+        steps = [m["step"] for m in metrics]
+        with self.figure.batch_update():
+            for trace, (key, _) in zip(self.figure.data, PLOTS, strict=True):
+                trace.x = steps
+                trace.y = [m.get(key, 0.0) for m in metrics]
+                if key == "reward_mean":
+                    trace.error_y.array = [m.get("reward_std", 0.0) for m in metrics]
+
+
+def metrics_frame(run: EchoRun) -> Any:
+    """The run's metrics, one row per step, as a polars DataFrame."""
+    import polars as pl
+
+    return pl.DataFrame(run.state.metrics)
+
+
+async def _train(cfg: EchoConfig, widget: EchoWidget | None) -> None:
+    session = current()
+    engine = None
+    try:
+        if cfg.mode != "colocated":
+            mesh = session.mesh
+            if mesh is None or session.engine is None:
+                raise RuntimeError(f"mode {cfg.mode!r} samples on the mesh: join it and serve the model "
+                                   "(%%parallax serve) first, or use mode: colocated")
+            from ..serve.pipeline import MeshEngine
+
+            cfg.model = cfg.model or str(session.engine.path)
+            engine = await asyncio.to_thread(MeshEngine, mesh, cfg.model)
+            run = await asyncio.to_thread(EchoRun, cfg, mesh=mesh, engine=engine)
+        else:
+            run = await asyncio.to_thread(EchoRun, cfg)
+        _RUN["run"] = run
+        if widget is not None:
+            run.on_step = lambda _m: widget.update(run.state.metrics)
+        await run.run()
+    finally:
+        if engine is not None:
+            await engine.aclose()
+
+
+@magics_class
+class EchoMagics(Magics):
+    @line_cell_magic
+    def echo(self, line: str, cell: str | None = None) -> Any:
+        """RL post-training (GRPO over a LoRA adapter) with samplers on the mesh.
+
+        %%echo train
+        task: format            # or addition, {name: format, min_len: 4, max_len: 4}, module:attr
+        mode: sequential        # colocated | sequential | async
+        num_generations: 8
+        steps: 20
+        learning_rate: 0.002
+        lora_rank: 8
+        max_staleness: 4
+        samplers: auto          # auto | N | [peer names]
+
+        %echo status            the run's state and last step
+        %echo stop              stop after the current step
+        %echo metrics           the metrics as a polars DataFrame
+        """
+        args = shlex.split(line)
+        if not args:
+            raise UsageError(USAGE)
+        cmd = args[0]
+        run: EchoRun | None = _RUN.get("run")
+        if cmd == "train":
+            if cell is None:
+                raise UsageError("%%echo train needs a YAML body (see %echo?)")
+            if run is not None and run.state.status in ("starting", "running"):
+                raise UsageError("a run is going on: %echo stop it first")
+            try:
+                cfg = EchoConfig.from_yaml(cell)
+            except (ValueError, TypeError) as exc:
+                raise UsageError(str(exc)) from None
+            session = current()
+            if cfg.mode != "colocated" and (session.mesh is None or session.engine is None):
+                raise UsageError(f"mode {cfg.mode!r} samples on the mesh: join it and serve the model "
+                                 "(%%parallax serve) first, or use mode: colocated")
+            widget = EchoWidget()
+            display(widget.figure)
+            _RUN.pop("run", None)
+            session.spawn(_train(cfg, widget), "echo-train")
+            return None
+        if run is None:
+            raise UsageError("no run yet: start one with %%echo train")
+        if cmd == "status":
+            return run.state.summary()
+        if cmd == "stop":
+            run.stop()
+            return "stopping after the current step"
+        if cmd == "metrics":
+            return metrics_frame(run)
+        raise UsageError(USAGE)

@@ -47,6 +47,7 @@ def __getattr__(name: str) -> Any:
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext gradient_nb``: the magics, and the comm the JupyterLab Mesh panel talks to."""
     from .notebook import autojoin
+    from .notebook.agents_magic import AgentsMagics
     from .notebook.echo_magic import EchoMagics
     from .notebook.magics import GradientMagics
     from .notebook.session import current
@@ -54,6 +55,7 @@ def load_ipython_extension(ipython: Any) -> None:
 
     ipython.register_magics(GradientMagics)
     ipython.register_magics(VerifyMagics)
+    ipython.register_magics(AgentsMagics)
     ipython.register_magics(EchoMagics)
     current()
     # The panel's comm: usually registered at kernel start already (gradient_nb.notebook.autojoin).

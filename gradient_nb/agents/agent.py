@@ -95,6 +95,8 @@ class Agent:
         self.tools = await self.local.list_tools()
         if not self.skills:  # an agent without declared skills offers what its tools describe
             self.skills = [Skill(t["name"], t["description"]) for t in self.tools]
+        # Load the embedder and embed the skills now (off the loop): a first bid must meet a beacon's deadline.
+        await asyncio.to_thread(lambda: [embed(f"{s.name}: {s.description}") for s in self.skills])
         self.mesh.offer(BID, self._on_bid)
         self.mesh.offer(TASK, self._on_task)
         self.publish()

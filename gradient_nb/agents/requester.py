@@ -37,20 +37,22 @@ class Requester:
         self.task_timeout = task_timeout
         self.planner = Planner(mesh, self.ledger, self.selector, **(planner_options or {}))
 
-    async def run(self, task: str, *, mode: str = "single", k: int = 3, log: RunLog | None = None) -> dict[str, Any]:
+    async def run(self, task: str, *, mode: str = "single", k: int = 3, log: RunLog | None = None,
+                  exclude: set[str] = frozenset()) -> dict[str, Any]:
+        """Run ``task`` in ``mode``; agents in ``exclude`` (peer ids) are not asked."""
         if mode not in MODES:
             raise ValueError(f"mode is one of {', '.join(MODES)}, not {mode!r}")
         log = log or self.runs.new()
         if mode == "plan":
-            out = await self.planner.run(task, log, mode="tools")
+            out = await self.planner.run(task, log, mode="tools", exclude=exclude)
         else:
-            out = await self._ask(task, mode, k if mode == "vote" else 1, log)
+            out = await self._ask(task, mode, k if mode == "vote" else 1, log, exclude)
         return {**out, "run_id": log.run_id, "mode": mode}
 
-    async def _ask(self, task: str, mode: str, k: int, log: RunLog) -> dict[str, Any]:
+    async def _ask(self, task: str, mode: str, k: int, log: RunLog, exclude: set[str]) -> dict[str, Any]:
         beacon = Beacon.for_task(task, k=k)
         log.emit("beacon", beacon=beacon.id, task=task, k=k)
-        bids = await self.selector.collect_bids(self.mesh, beacon)
+        bids = await self.selector.collect_bids(self.mesh, beacon, exclude=exclude)
         for b in bids:
             log.emit("bid", agent=b["agent"], score=round(float(b["score"]), 4))
         chosen = self.selector.choose(beacon, bids)

@@ -51,6 +51,18 @@ class LocalCluster:
         await self.stop()
 
 
+def split_cap(peers: int, model: str | None = None, dtype_bytes: float = 4.0) -> int:
+    """A memory cap per local peer under which no peer can hold the whole model but ``peers`` of them
+    can (as the quick-start notebook caps its peers): 1.4x the weights' share of one peer, for the KV
+    cache and the scheduler's margin."""
+    from ..models import resolve_model
+    from .coordinator import model_cost
+
+    cost = model_cost(resolve_model(model) if model is not None else resolve_model(), dtype_bytes)
+    total = cost.embed_bytes + cost.head_bytes + cost.num_layers * cost.layer_bytes
+    return int(1.4 * total / max(1, peers))
+
+
 def layer_args(layers: list[tuple[int, int]] | None, i: int) -> list[str]:
     return ["--layers", f"{layers[i][0]}:{layers[i][1]}"] if layers else []
 
@@ -76,8 +88,10 @@ async def start_local_cluster(peers: int = 3, *, model: str | None = None,
                               layers: list[tuple[int, int]] | None = None, dtype: str = "float32",
                               quantization: str | None = None, peer_args: list[str] | None = None,
                               api: bool = False, api_port: int = 0, api_key: str | None = None,
+                              api_host: str = "127.0.0.1", memory_cap_bytes: int | None = None,
                               timeout: float = 300.0) -> LocalCluster:
-    """Start a rendezvous, ``peers`` serving processes and this process as the entry peer."""
+    """Start a rendezvous, ``peers`` serving processes and this process as the entry peer.
+    ``memory_cap_bytes`` caps what each serving peer offers (``split_cap`` makes the model split)."""
     if layers is not None and len(layers) != peers:
         raise ValueError("give one layer range per peer")
     rv = await Rendezvous().start()
@@ -86,7 +100,8 @@ async def start_local_cluster(peers: int = 3, *, model: str | None = None,
     try:
         for i in range(peers):
             extra = ["--serve", model or "default", "--dtype", dtype, *layer_args(layers, i),
-                     *(["--quantization", quantization] if quantization else []), *(peer_args or [])]
+                     *(["--quantization", quantization] if quantization else []),
+                     *(["--memory-cap", str(int(memory_cap_bytes))] if memory_cap_bytes else []), *(peer_args or [])]
             procs.append(spawn_peer(rv.url, name=f"shard-{i + 1}", extra=extra))
         ids = [(await read_event(p, timeout))["peer_id"] for p in procs]
         mesh = await join(rv.url, name="entry", identity=Identity.generate(), probe_seconds=0.05)
@@ -96,7 +111,7 @@ async def start_local_cluster(peers: int = 3, *, model: str | None = None,
         if api:
             from .api import serve_api
 
-            cluster.api = await serve_api(engine, port=api_port, api_key=api_key)
+            cluster.api = await serve_api(engine, host=api_host, port=api_port, api_key=api_key)
         return cluster
     except BaseException:
         if mesh is not None:

@@ -5,6 +5,16 @@ record) and that it serves ``model``; the coordinator (``coordinator.py``) assig
 the published allocation, and the peer loads exactly that range (re-loading when the allocation moves
 it). ``shard.forward`` runs the peer's layers for one request's new tokens, with the request's KV cache
 kept here between calls; ``shard.drop`` frees a request's cache.
+
+Forwarding (a ``chain`` in the call): instead of answering the entry with its hidden states, a stage
+calls the next stage of the chain itself with them, and the last stage, having drawn the tokens,
+calls the entry's ``serve.chain_result`` with every stage's per-item answers (commitments, errors,
+the drawn tokens) and, when the entry verifies, every later stage's inputs. The critical path of a
+step is N + 1 messages; each call's reply (an acknowledgement once the rest of the chain has run) only
+carries failures back: a stage that cannot link to the next raises ``NoLinkToNext`` (the entry falls
+back to the star for that chain), one whose next stage failed raises ``NextStageFailed`` naming it.
+Sessions of a chain are keyed by the entry that owns them (``origin``), as the entry's own calls are,
+so its ``shard.drop`` reaches them.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..mesh.errors import MeshError, remote_error
+from ..mesh.errors import MeshError, RemoteError, remote_error
 from ..mesh.frames import Message
 from ..mesh.peer import Mesh
 from ..mesh.rpc import CallContext
@@ -34,13 +44,38 @@ log = logging.getLogger(__name__)
 MAX_NEW_TOKENS_PER_CALL = 8192
 MAX_ITEMS_PER_CALL = 256
 MAX_SESSION_LEN = 128
+MAX_CHAIN_STAGES = 64
+CHAIN_LINK_TIMEOUT = 10.0  # how long a stage tries to link to the next one before the entry uses the star
 
 
 class BadForward(ValueError):
     """A forward request this shard cannot run (wrong model or layers, bad inputs)."""
 
 
-def _parse_items(items: Any, is_last: bool, vocab_size: int) -> list[dict[str, Any]]:
+def _parse_chain(chain: Any, ctx: CallContext) -> dict[str, Any] | None:
+    """The ``chain`` of a forwarding ``shard.forward`` call, checked (None: answer the caller, the star)."""
+    if chain is None:
+        return None
+    if not isinstance(chain, dict):
+        raise BadForward("chain is a map of id, origin, next, stages and inputs")
+    cid, origin, nxt, stages, inputs = (chain.get(k) for k in ("id", "origin", "next", "stages", "inputs"))
+    if not isinstance(cid, str) or not 0 < len(cid) <= MAX_SESSION_LEN:
+        raise BadForward("chain id must be a string of at most 128 characters")
+    if not isinstance(origin, str) or not 0 < len(origin) <= MAX_SESSION_LEN:
+        raise BadForward("chain origin must be a peer id")
+    if not isinstance(stages, list) or len(stages) >= MAX_CHAIN_STAGES or not all(isinstance(x, dict) for x in stages):
+        raise BadForward(f"chain stages must be a list of at most {MAX_CHAIN_STAGES} maps")
+    if not stages and origin != ctx.peer_id:
+        raise BadForward("the first stage of a chain is called by the chain's origin")
+    if not isinstance(nxt, list) or len(stages) + len(nxt) >= MAX_CHAIN_STAGES or not all(
+            isinstance(n, list) and len(n) == 3 and isinstance(n[0], str) and 0 < len(n[0]) <= MAX_SESSION_LEN
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in n[1:]) and n[1] < n[2]
+            for n in nxt):
+        raise BadForward("chain next must be a list of [peer, start, end] stages")
+    return {"id": cid, "origin": origin, "next": nxt, "stages": stages, "inputs": bool(inputs)}
+
+
+def _parse_items(items: Any, is_last: bool, vocab_size: int, forwarding: bool = False) -> list[dict[str, Any]]:
     """The ``items`` of a ``shard.forward`` call, checked: [{session, pos, n, sample?}, ...]."""
     if not isinstance(items, list) or not 0 < len(items) <= MAX_ITEMS_PER_CALL:
         raise BadForward(f"shard.forward needs a list of 1..{MAX_ITEMS_PER_CALL} items")
@@ -55,7 +90,7 @@ def _parse_items(items: Any, is_last: bool, vocab_size: int) -> list[dict[str, A
                 not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise BadForward("each item needs pos >= 0 and n >= 1")
         if sample is not None:
-            if not is_last:
+            if not is_last and not forwarding:
                 raise BadForward("only the last stage samples")
             try:
                 sample = parse_spec(sample, vocab_size)
@@ -64,6 +99,10 @@ def _parse_items(items: Any, is_last: bool, vocab_size: int) -> list[dict[str, A
         seen.add(session)
         out.append({"session": session, "pos": pos, "n": n, "sample": sample})
     return out
+
+
+class NoLinkToNext(MeshError):
+    """A forwarding stage could not link to the next stage of its chain (the entry uses the star)."""
 
 
 class BadReply(MeshError):
@@ -237,7 +276,10 @@ class ServingPeer:
         if not isinstance(entry, int) or end != self.layers[1] or not self.layers[0] <= entry < end:
             raise BadForward(f"this peer runs layers {self.layers[0]}..{self.layers[1]} (entered at any of them, "
                              f"to the end), not {entry}..{end}")
-        items = _parse_items(h.get("items"), rt.is_last, self.info.vocab_size)
+        chain = _parse_chain(h.get("chain"), ctx)
+        if chain is not None and bool(chain["next"]) == rt.is_last:
+            raise BadForward("a chain ends exactly at the model's last layer")
+        items = _parse_items(h.get("items"), rt.is_last, self.info.vocab_size, chain is not None)
         x = msg.tensors.get("x")
         total = sum(it["n"] for it in items)
         if x is None or x.dim() < 1 or x.shape[0] != total or total > MAX_NEW_TOKENS_PER_CALL:
@@ -249,7 +291,9 @@ class ServingPeer:
                 raise BadForward("token id out of the vocabulary")
         elif x.dim() != 2 or x.shape[1] != self.info.hidden_size or not x.is_floating_point():
             raise BadForward(f"this stage takes hidden states [tokens, {self.info.hidden_size}]")
-        keys = [f"{ctx.peer_id}/{it['session']}" for it in items]
+        # Sessions belong to the entry that drives them (star: the caller; chain: the chain's origin).
+        owner = ctx.peer_id if chain is None else chain["origin"]
+        keys = [f"{owner}/{it['session']}" for it in items]
         chunks = torch.split(x, [it["n"] for it in items])
         started = time.perf_counter()
         self._queue += len(items)
@@ -272,7 +316,47 @@ class ServingPeer:
         replies, rows = await rt.run(self._replies, keys, items, outs, entry, end, rt.is_last)
         # The entry subtracts compute_ms from the call's wall time to learn the per-hop overhead (routing).
         header = {"layers": [entry, end], "compute_ms": 1000 * (time.perf_counter() - started), "items": replies}
+        if chain is not None:
+            return await self._pass_on(chain, header, items, rows, msg, ctx)
         return Message(header, {"y": torch.cat(rows)} if rows else {})
+
+    async def _pass_on(self, chain: dict[str, Any], header: dict[str, Any], items: list[dict[str, Any]],
+                       rows: list[torch.Tensor], msg: Message, ctx: CallContext) -> Message:
+        """Forwarding: call the next stage with this stage's hidden states, or, on the last stage, the
+        chain's origin with every stage's answers. Returns once the rest of the chain has run."""
+        k = len(chain["stages"])
+        stages = [*chain["stages"], {"peer": self.mesh.id, **header}]
+        # Later stages' inputs travel on to the entry when it verifies (it recomputes from them).
+        tensors = {f"in{i}": msg.tensors[f"in{i}"] for i in range(1, k) if f"in{i}" in msg.tensors}
+        if chain["inputs"] and k >= 1:
+            tensors[f"in{k}"] = msg.tensors["x"]
+        # Keep a second of the caller's deadline to report a failure further down the chain in time.
+        remaining = max(0.1, ctx.deadline - asyncio.get_running_loop().time() - 1.0)
+        live = [it for it, r in zip(items, header["items"], strict=True) if "error" not in r]
+        if not chain["next"] or not live:
+            await self.mesh.call(chain["origin"], "serve.chain_result",
+                                 Message({"id": chain["id"], "stages": stages}, tensors), timeout=remaining)
+            return Message({"ok": True})
+        peer, start, end = chain["next"][0]
+        try:
+            if peer != self.mesh.id:
+                await self.mesh.connect(peer, timeout=min(remaining, CHAIN_LINK_TIMEOUT))
+        except MeshError as exc:
+            raise NoLinkToNext(f"no link from {self.mesh.id} to the next stage {peer}: {exc}") from None
+        fwd = [{"session": it["session"], "pos": it["pos"], "n": it["n"],
+                **({"sample": it["sample"]} if it["sample"] is not None else {})} for it in live]
+        nxt = {**chain, "next": chain["next"][1:], "stages": stages}
+        try:
+            await self.mesh.call(peer, "shard.forward", Message(
+                {"model": self.model_id, "start": start, "end": end, "items": fwd, "chain": nxt},
+                {"x": torch.cat(rows), **tensors}), timeout=remaining)
+        except RemoteError as exc:
+            if exc.code in ("NextStageFailed", "NoLinkToNext"):  # further down the chain: as it is
+                raise RemoteError(exc.code, exc.remote_message) from None
+            raise RemoteError("NextStageFailed", f"stage {peer} failed: {exc}") from None
+        except (MeshError, TimeoutError) as exc:
+            raise RemoteError("NextStageFailed", f"stage {peer} failed: {type(exc).__name__}: {exc}") from None
+        return Message({"ok": True})
 
     def _replies(self, keys: list[str], items: list[dict[str, Any]], outs: list[Any], entry: int, end: int,
                  is_last: bool) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:

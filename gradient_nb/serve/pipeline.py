@@ -7,6 +7,13 @@ stage keeps the request's KV cache, so a decode step moves one token's hidden st
 Concurrent requests on the same chain travel together: one call per stage carries all their steps,
 and the stage runs them as one batched model pass.
 
+Forwarding (the default, ``MeshEngine.forwarding``): the entry sends a step's tokens to the first stage
+only; each stage calls the next with its hidden states, and the last stage draws the tokens and calls
+the entry back (``serve.chain_result``) with every stage's answers: N + 1 messages on a step's path
+instead of the star's 2N (the entry calling each stage in turn). The entry still holds the tokens, so
+failover replays them as before. A chain whose stages cannot link to each other (a stage answers
+``NoLinkToNext``) is served as a star for ``STAR_FALLBACK_S``.
+
 When a stage fails (its peer vanished, timed out or lost its layers), the request re-routes over the
 peers that now cover the layers (waiting for the coordinator to re-plan if nobody does), and replays
 the tokens so far as one prefill on the new chain, which rebuilds every cache. Greedy decoding then
@@ -20,6 +27,7 @@ import contextlib
 import logging
 import secrets
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +59,10 @@ MAX_BATCH_TOKENS = MAX_NEW_TOKENS_PER_CALL
 # Token masks ride in the call's header, which frames bound (1 MiB): a batch carries at most this many
 # bytes of them.
 MAX_BATCH_MASK_BYTES = 512 << 10
+# Pipelining pays where a hop costs more than this beyond compute (network delay between machines); on
+# one host (hops of 1-3 ms of CPU work) extra groups in flight only add that work (measured).
+PIPELINE_MIN_HOP_S = 0.008
+STAR_FALLBACK_S = 300.0  # how long a chain whose stages could not link is served as a star
 
 
 class Constraint(Protocol):
@@ -71,6 +83,54 @@ class NoRoute(MeshError):
 
 class EngineClosed(MeshError):
     """The engine was closed while the request was generating."""
+
+
+class ChainUnlinked(MeshError):
+    """A stage of a forwarding chain could not link to the next one: the step is replayed on the star."""
+
+
+class StageFailed(MeshError):
+    """A stage of a forwarding chain failed (as reported by the stage before it)."""
+
+    def __init__(self, message: str, peer_id: str) -> None:
+        super().__init__(message)
+        self.peer_id = peer_id
+
+
+class _ChainResults:
+    """The entry's end of forwarding: ``serve.chain_result`` calls from the chains' last stages, handed to
+    the batches that wait for them. One per mesh (several engines may share a mesh)."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.waiting: dict[str, tuple[asyncio.Future, set[str]]] = {}
+        mesh.offer("serve.chain_result", self._on_result)
+
+    def expect(self, cid: str, stages: set[str]) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[cid] = (fut, stages)
+        return fut
+
+    async def _on_result(self, msg: Message, ctx: Any) -> Message:
+        cid = msg.header.get("id")
+        waiting = self.waiting.get(cid) if isinstance(cid, str) else None
+        if waiting is None:
+            raise LookupError("no step waits for this chain result (it timed out or was answered)")
+        fut, stages = waiting
+        if ctx.peer_id not in stages:
+            raise PermissionError("only a stage of the chain answers for it")
+        if not fut.done():
+            fut.set_result((ctx.peer_id, msg))
+        return Message({"ok": True})
+
+
+_CHAIN_RESULTS: weakref.WeakKeyDictionary[Mesh, _ChainResults] = weakref.WeakKeyDictionary()
+
+
+def _chain_results(mesh: Mesh) -> _ChainResults:
+    found = _CHAIN_RESULTS.get(mesh)
+    if found is None:
+        found = _CHAIN_RESULTS[mesh] = _ChainResults(mesh)
+    return found
 
 
 @dataclass
@@ -106,6 +166,13 @@ class MeshEngine:
         self.batch_sizes: deque[int] = deque(maxlen=1024)  # requests per chain pass, newest last
         self._active: dict[tuple, int] = {}  # chain -> requests generating on it now
         self._closed = False
+        self.forwarding = True  # stage to stage (N + 1 messages a step); False: the star (2N)
+        self.micro_batches: int | None = None  # pipelining; None: micro_batches_for decides
+        self._star_until: dict[tuple, float] = {}  # chains whose stages could not link: star until then
+        self.step_calls = {"chain": 0, "star": 0}  # batches sent each way
+        # Per stage (peer, start, end): its compute per decode step, ms (moving average), as it reports it.
+        self.stage_compute_ms: dict[tuple[str, int, int], float] = {}
+        self.last_compute_ms: dict[tuple[str, int, int], float] = {}  # the same, of the latest step only
 
     # -- routing -------------------------------------------------------------------------------
     def current_route(self, prompt_tokens: int = 1, exclude: set[str] = frozenset()) -> list[Stage]:
@@ -154,9 +221,25 @@ class MeshEngine:
             batcher = self._batchers[key] = _ChainBatcher(self, chain)
         return await batcher.submit(_Pending(session, pos, torch.tensor(tokens, dtype=torch.int64), sample, trace))
 
+    def micro_batches_for(self, chain: list[Stage]) -> int:
+        """Groups of requests in flight along ``chain`` at once (pipelining): ``micro_batches`` when set,
+        else 2 where the network dominates a hop (measured overhead over ``PIPELINE_MIN_HOP_S``, stages
+        on other machines), 1 where it does not (on one host extra groups only add overhead)."""
+        if self.micro_batches is not None:
+            return max(1, int(self.micro_batches))
+        return 2 if self.forwards(chain) and self.hop_overhead_s > PIPELINE_MIN_HOP_S else 1
+
+    def forwards(self, chain: list[Stage]) -> bool:
+        """Whether a step on ``chain`` goes stage to stage (else the entry calls each stage: the star)."""
+        return self.forwarding and len(chain) > 1 and self._star_until.get(_chain_key(chain), 0) < time.monotonic()
+
     async def _run_batch(self, chain: list[Stage], batch: list[_Pending]) -> None:
         """One step of every request in ``batch`` through ``chain``: one call per stage carries them all,
         so each stage runs them as one model pass. A request's own error fails only that request."""
+        if self.forwards(chain):
+            self.step_calls["chain"] += 1
+            return await self._run_chain(chain, batch)
+        self.step_calls["star"] += 1
         inputs = {id(p): p.x for p in batch}
         live = batch
         for i, stage in enumerate(chain):
@@ -172,6 +255,7 @@ class MeshEngine:
                 {"x": torch.cat([inputs[id(p)] for p in live])}), timeout=STAGE_TIMEOUT)
             compute = reply.header.get("compute_ms")
             if isinstance(compute, int | float) and 0 <= compute:
+                self._note_compute(stage, compute, live)
                 overhead = max(0.0, time.perf_counter() - t0 - compute / 1000)
                 self.hop_overhead_s = 0.9 * self.hop_overhead_s + 0.1 * min(overhead, 1.0)
             try:
@@ -205,6 +289,112 @@ class MeshEngine:
                     inputs[id(p)] = y[offset: offset + n]
                     offset += n
             live = [p for p, _ in ok]
+
+    async def _run_chain(self, chain: list[Stage], batch: list[_Pending]) -> None:
+        """``_run_batch`` by forwarding: one call to the first stage, the answer from the last."""
+        live = [p for p in batch if not p.future.done()]
+        if not live:
+            return
+        cid, results = secrets.token_hex(8), _chain_results(self.mesh)
+        fut = results.expect(cid, {s.peer_id for s in chain})
+        header = {"model": self.model_name, "start": chain[0].start, "end": chain[0].end,
+                  "items": [{"session": p.session, "pos": p.pos, "n": int(p.x.shape[0]), "sample": p.sample}
+                            for p in live],
+                  "chain": {"id": cid, "origin": self.mesh.id, "stages": [], "inputs": bool(self.observers),
+                            "next": [[s.peer_id, s.start, s.end] for s in chain[1:]]}}
+        t0 = time.perf_counter()
+        call = asyncio.ensure_future(self.mesh.call(chain[0].peer_id, "shard.forward", Message(
+            header, {"x": torch.cat([p.x for p in live])}), timeout=STAGE_TIMEOUT))
+        try:
+            # A little longer than the call: a stage whose next one hangs reports it before the call expires.
+            await asyncio.wait({call, fut}, timeout=STAGE_TIMEOUT + 5, return_when=asyncio.FIRST_COMPLETED)
+            if not fut.done() and call.done():
+                self._chain_failure(chain, call)  # raises what went wrong along the chain
+                # Acknowledged without a result: the result call was answered before, so it is here soon.
+                await asyncio.wait({fut}, timeout=5.0)
+            if not fut.done():
+                raise BadReply(f"the chain through {chain[-1].peer_id[:8]} did not answer the step", chain[-1].peer_id)
+            sender, msg = fut.result()
+        finally:
+            results.waiting.pop(cid, None)
+            if call.done():
+                _retrieve(call)
+            else:  # the acknowledgements come back along the chain after the result: let them
+                if self._closed:
+                    call.cancel()
+                self._background.add(call)
+                call.add_done_callback(self._background.discard)
+                call.add_done_callback(_retrieve)
+        self._take_chain_result(chain, live, sender, msg, time.perf_counter() - t0)
+
+    def _chain_failure(self, chain: list[Stage], call: asyncio.Future) -> None:
+        exc = call.exception()
+        if exc is None:
+            return
+        if isinstance(exc, RemoteError) and exc.code == "NoLinkToNext":
+            log.warning("chain %s cannot forward (%s): serving it as a star", [s.peer_id[:8] for s in chain],
+                        exc.remote_message)
+            self._star_until[_chain_key(chain)] = time.monotonic() + STAR_FALLBACK_S
+            raise ChainUnlinked(f"the chain's stages cannot link to each other: {exc.remote_message}")
+        if isinstance(exc, RemoteError) and exc.code == "NextStageFailed":
+            named = [s.peer_id for s in chain[1:] if s.peer_id in exc.remote_message]
+            raise StageFailed(exc.remote_message, named[0] if named else chain[0].peer_id)
+        if isinstance(exc, RemoteError) and exc.code not in ("BadForward", "SessionEvicted", "RuntimeClosed"):
+            raise StageFailed(str(exc), chain[0].peer_id)
+        raise exc
+
+    def _take_chain_result(self, chain: list[Stage], live: list[_Pending], sender: str, msg: Message,
+                           wall_s: float) -> None:
+        stages = msg.header.get("stages")
+        if not isinstance(stages, list) or not 0 < len(stages) <= len(chain) or \
+                sender != chain[len(stages) - 1].peer_id:
+            raise BadReply("the chain's result does not answer for its stages", sender)
+        computes = []
+        for i, (stage, rec) in enumerate(zip(chain, stages, strict=False)):
+            if not isinstance(rec, dict) or rec.get("peer") != stage.peer_id:
+                raise BadReply(f"the chain's result misreports stage {i}", sender)
+            last = i == len(chain) - 1
+            try:
+                answers = forward_items(Message(rec), len(live))
+                ok = [(p, a) for p, a in zip(live, answers, strict=True) if "error" not in a]
+                if i == len(stages) - 1 and not last and ok:
+                    raise BadReply("the chain's result stops before its last stage")
+                steps = {id(p): token_step(a, p.sample, self.info.vocab_size) for p, a in ok} if last else {}
+                x = msg.tensors.get(f"in{i}") if i else None
+                rows = sum(int(p.x.shape[0]) for p in live)
+                if i and self.observers and (x is None or x.shape != (rows, self.info.hidden_size)):
+                    raise BadReply(f"the chain's result lacks stage {i}'s inputs")
+            except BadReply as exc:
+                exc.peer_id = stage.peer_id
+                raise
+            compute = rec.get("compute_ms")
+            computes.append(compute / 1000 if isinstance(compute, int | float) and compute >= 0 else 0.0)
+            self._note_compute(stage, 1000 * computes[-1], live)
+            offset = 0
+            for p, a in zip(live, answers, strict=True):
+                n = int(p.x.shape[0])
+                xi = p.x if i == 0 else None if x is None else x[offset: offset + n]
+                offset += n
+                if "error" in a:
+                    p.fail(remote_error(str(a["error"]), str(a.get("message", ""))))
+                    continue
+                seen = {**a, "sample": p.sample} if last else a
+                for obs in self.observers:
+                    obs.on_call(p.trace.observed[obs.name], stage.peer_id, stage.start, stage.end, p.session,
+                                p.pos, xi, seen)
+                if last:
+                    p.done(steps[id(p)])
+            live = [p for p, _ in ok]
+        overhead = max(0.0, wall_s - sum(computes)) / (len(chain) + 1)
+        self.hop_overhead_s = 0.9 * self.hop_overhead_s + 0.1 * min(overhead, 1.0)
+
+    def _note_compute(self, stage: Stage, ms: float, batch: list[_Pending]) -> None:
+        key = (stage.peer_id, stage.start, stage.end)
+        self.last_compute_ms[key] = ms
+        if any(p.x.shape[0] > 1 for p in batch):
+            return  # a prefill: stage_compute_ms tracks decode steps
+        old = self.stage_compute_ms.get(key)
+        self.stage_compute_ms[key] = ms if old is None else 0.8 * old + 0.2 * ms
 
     async def _drop(self, chain: list[Stage], session: str, trace: RequestTrace) -> None:
         for stage in chain:
@@ -249,7 +439,7 @@ class MeshEngine:
                         raise
                     if isinstance(exc, RemoteError) and exc.code not in ("BadForward", "SessionEvicted", "RuntimeClosed"):
                         raise
-                    bad = _failed_stage(chain, exc)
+                    bad = None if isinstance(exc, ChainUnlinked) else _failed_stage(chain, exc)
                     failed |= {bad} if bad else set()
                     log.warning("stage failed (%s); re-routing request with %d tokens", exc, len(tokens))
                     self._leave(chain)
@@ -291,12 +481,17 @@ class MeshEngine:
         """Stop the engine's own tasks (batches in flight, cache drops) and its observers'; requests still
         generating fail with ``EngineClosed``. The owner of the engine calls this before leaving the mesh."""
         self._closed = True
-        tasks = [b.task for b in self._batchers.values() if b.task is not None] + list(self._background)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        while True:  # a cancelled batch may leave its chain call to the background: that one too
+            tasks = [t for t in (*(t for b in self._batchers.values() for t in b.tasks()), *self._background)
+                     if not t.done()]
+            if not tasks:
+                break
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+        self._background.clear()  # all done (their own discard callbacks may not have run yet)
         self._batchers.clear()
         for obs in self.observers:
             close = getattr(obs, "aclose", None)
@@ -336,6 +531,12 @@ class MeshEngine:
         return list(ids)
 
 
+def _retrieve(task: asyncio.Future) -> None:
+    """Consume a finished background call's outcome (its failure was handled, or no longer matters)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("chain call ended with %r", task.exception())
+
+
 def _chain_key(chain: list[Stage]) -> tuple:
     return tuple((s.peer_id, s.start, s.end) for s in chain)
 
@@ -367,6 +568,10 @@ class _ChainBatcher:
     batches (and a star of separate calls). Steps are gathered while the previous batch runs; before a
     batch leaves, it waits a moment (``GATHER_WAIT_S``) for requests on the chain that have not yet
     submitted their next step, so the chain's requests stay in step with each other.
+
+    Pipelining (``MeshEngine.micro_batches_for``): with k > 1 the chain's requests travel as up to k
+    groups in flight at once, so while one group's hidden states cross the network to stage i + 1,
+    stage i computes the next group. Each group gathers about 1/k of the chain's requests.
     """
 
     def __init__(self, engine: MeshEngine, chain: list[Stage]) -> None:
@@ -375,10 +580,14 @@ class _ChainBatcher:
         self.key = _chain_key(chain)
         self.queue: list[_Pending] = []
         self.task: asyncio.Task | None = None
+        self.inflight: dict[asyncio.Task, int] = {}  # batch task -> its requests
         self._arrived = asyncio.Event()
 
     def idle(self) -> bool:
-        return not self.queue and (self.task is None or self.task.done())
+        return not self.queue and not self.inflight and (self.task is None or self.task.done())
+
+    def tasks(self) -> list[asyncio.Task]:
+        return [*([self.task] if self.task is not None else []), *self.inflight]
 
     async def submit(self, p: _Pending) -> TokenStep:
         self.queue.append(p)
@@ -388,11 +597,18 @@ class _ChainBatcher:
         return await p.future
 
     async def _run(self) -> None:
-        batch: list[_Pending] = []
         try:
             while self.queue:
+                k = self.engine.micro_batches_for(self.chain)
+                while len(self.inflight) >= k:
+                    await asyncio.wait(set(self.inflight), return_when=asyncio.FIRST_COMPLETED)
+                if not self.queue:
+                    break
+                active = self.engine._active.get(self.key, 0)
+                waiting = active - sum(self.inflight.values())  # requests not riding a batch now
+                want = min(waiting, -(-active // k))
                 deadline = time.monotonic() + GATHER_WAIT_S
-                while len(self.queue) < self.engine._active.get(self.key, 0) and time.monotonic() < deadline:
+                while len(self.queue) < want and time.monotonic() < deadline:
                     self._arrived.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._arrived.wait(), max(0.0, deadline - time.monotonic()))
@@ -400,7 +616,8 @@ class _ChainBatcher:
                 for p in self.queue:
                     n = int(p.x.shape[0])
                     m = mask_nbytes(self.engine.info.vocab_size) if "mask" in p.sample else 0
-                    if batch and (tokens + n > MAX_BATCH_TOKENS or mask_bytes + m > MAX_BATCH_MASK_BYTES):
+                    if batch and ((len(batch) >= max(want, 1) and k > 1) or tokens + n > MAX_BATCH_TOKENS
+                                  or mask_bytes + m > MAX_BATCH_MASK_BYTES):
                         break
                     batch.append(p)
                     tokens += n
@@ -410,20 +627,32 @@ class _ChainBatcher:
                 if not batch:
                     continue
                 self.engine.batch_sizes.append(len(batch))
-                try:
-                    await self.engine._run_batch(self.chain, batch)
-                except asyncio.CancelledError:
-                    raise
-                except BaseException as exc:  # the call failed: every request in it fails over on its own
-                    for p in batch:
-                        p.fail(exc)
-                for p in batch:  # a reply that skipped a request must not leave it waiting
-                    p.fail(BadReply("the chain did not answer this request"))
+                task = asyncio.ensure_future(self._batch(batch))
+                self.inflight[task] = len(batch)
+                task.add_done_callback(self._batch_done)
         except asyncio.CancelledError:  # only MeshEngine.aclose cancels a batcher
-            for p in batch + self.queue:
+            for p in self.queue:
                 p.fail(EngineClosed("the engine was closed"))
             self.queue.clear()
             raise
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self.inflight.pop(task, None)
+        if not task.cancelled():
+            task.exception()  # _batch fails its requests itself; nothing else is left to report
+
+    async def _batch(self, batch: list[_Pending]) -> None:
+        try:
+            await self.engine._run_batch(self.chain, batch)
+        except asyncio.CancelledError:
+            for p in batch:
+                p.fail(EngineClosed("the engine was closed"))
+            raise
+        except BaseException as exc:  # the call failed: every request in it fails over on its own
+            for p in batch:
+                p.fail(exc)
+        for p in batch:  # a reply that skipped a request must not leave it waiting
+            p.fail(BadReply("the chain did not answer this request"))
 
 
 def _failed_stage(chain: list[Stage], exc: Exception) -> str | None:

@@ -7,6 +7,11 @@ Topology (addresses are TEST-NET-2, and exist only inside namespaces this module
         +-- public host       198.51.100.(10+i)       (no NAT)
         +-- router wan        198.51.100.(10+i) --NAT-- lan 10.i.0.1 -- host 10.i.0.2
 
+Delay (``delay_ms``): every packet leaving a LAN (through its router, towards the public segment) is
+held ``delay_ms`` by an NFQUEUE consumer in the router's namespace (``netdelay``): this kernel has no
+``netem``. So a message between two NATed hosts, or from one to the server, takes ``delay_ms`` one way
+more than on the bare lab; public hosts have no router and add none.
+
 NAT types: ``public`` (no NAT), ``cone`` (MASQUERADE: endpoint-independent mapping while the port is
 free, address+port dependent filtering through conntrack, i.e. a port-restricted cone), ``symmetric``
 (MASQUERADE --random-fully: a new random port per destination) and ``udp-blocked`` (cone NAT whose
@@ -231,7 +236,7 @@ class NatLab:
     """
 
     def __init__(self, hosts: Mapping[str, str], *, turn: bool = True, turn_verbose: bool = False,
-                 persistent: bool = False, keep_workdir: bool = False) -> None:
+                 persistent: bool = False, keep_workdir: bool = False, delay_ms: float = 0.0) -> None:
         for name, nat in hosts.items():
             if not _NAME_RE.match(name) or name == SERVER:
                 raise ValueError(f"bad host name {name!r}: [a-z0-9]{{1,24}}, not {SERVER!r}")
@@ -239,6 +244,9 @@ class NatLab:
                 raise ValueError(f"unknown NAT type {nat!r} for {name!r}; one of {NAT_TYPES}")
         if len(hosts) > 200:
             raise ValueError("at most 200 hosts")
+        if not 0 <= delay_ms <= 10_000:
+            raise ValueError(f"delay_ms must be in [0, 10000], not {delay_ms}")
+        self.delay_ms = float(delay_ms)
         self.hosts = dict(hosts)
         self.token = secrets.token_hex(4)
         self.turn_enabled = turn
@@ -397,6 +405,8 @@ class NatLab:
             self._write_state()
             self._build()
             self._up = True
+            if self.delay_ms > 0:
+                self._start_delays()
             if self.turn_enabled:
                 self._start_coturn()
         except BaseException:
@@ -482,6 +492,23 @@ class NatLab:
         masq = [*ipt, "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE"]
         _run([*masq, "--random-fully"] if nat == "symmetric" else masq)
 
+    def _start_delays(self) -> None:
+        """One ``netdelay`` consumer per router, holding what leaves its LAN (queue 0 of its namespace)."""
+        for host, nat in self.hosts.items():
+            if nat == "public":
+                continue
+            r = self._router_ns(host)
+            p = subprocess.Popen(["ip", "netns", "exec", r, sys.executable, "-m", "gradient_nb.testing.netdelay",
+                                  "--queue", "0", "--delay-ms", str(self.delay_ms)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            self._procs.append(p)
+            ready = p.stdout.readline() if p.stdout is not None else ""
+            if ready.strip() != "ready":
+                err = p.stderr.read() if p.stderr is not None and p.poll() is not None else ""
+                raise LabError(f"the delay queue in {r} did not start: {err.strip()[-1000:]}")
+            _run(["ip", "netns", "exec", r, "iptables", "-w", "5", "-t", "mangle", "-A", "FORWARD", "-i", "lan",
+                  "-o", "wan", "-j", "NFQUEUE", "--queue-num", "0"])
+
     def _start_coturn(self) -> None:
         assert self.workdir is not None
         self.ca_file, cert, key = _make_certs(self.workdir, SERVER_IP)
@@ -536,7 +563,7 @@ class NatLab:
     def describe(self) -> dict[str, Any]:
         """Names, addresses and ICE settings of every host, as JSON-ready data."""
         return {
-            "token": self.token, "server": {"namespace": self.namespace(SERVER), "ip": SERVER_IP},
+            "token": self.token, "delay_ms": self.delay_ms, "server": {"namespace": self.namespace(SERVER), "ip": SERVER_IP},
             "ca_file": str(self.ca_file) if self.ca_file else None,
             "hosts": {h: {"nat": nat, "namespace": self.namespace(h), "address": self.address(h),
                           "public_ip": self.public_ip(h), "ice": self.ice_config(h, turn_transport="auto").to_dict()}

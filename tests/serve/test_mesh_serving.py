@@ -78,13 +78,26 @@ async def even_split(reference):
 
 
 async def test_even_split_matches_one_process(even_split, reference) -> None:
-    chain = even_split.engine.current_route()
+    """Stage to stage (the default: each stage calls the next, the last answers the entry) and the star
+    (the entry calls each stage) give one process's greedy tokens."""
+    engine = even_split.engine
+    chain = engine.current_route()
     assert [(s.start, s.end) for s in chain] == [(0, 10), (10, 20), (20, 30)]
-    assert len({s.peer_id for s in chain}) == 3
+    assert len({s.peer_id for s in chain}) == 3 and engine.forwards(chain)
+    before = dict(engine.step_calls)
     for ids, want in zip(reference["ids"][:5], reference["tokens"][:5], strict=True):
-        assert await _generate(even_split.engine, ids) == want
+        assert await _generate(engine, ids) == want
+    steps = sum(len(t) for t in reference["tokens"][:5])
+    assert engine.step_calls["chain"] - before["chain"] >= steps and engine.step_calls["star"] == before["star"]
     text = reference["tokenizer"].decode(reference["tokens"][0], skip_special_tokens=True)
     assert text.startswith("The capital of France is Paris.")
+    engine.forwarding = False
+    try:
+        for i in (0, 4):
+            assert await _generate(engine, reference["ids"][i]) == reference["tokens"][i]
+    finally:
+        engine.forwarding = True
+    assert engine.step_calls["star"] - before["star"] >= len(reference["tokens"][0]) + len(reference["tokens"][4])
 
 
 async def test_concurrent_requests_match_solo_runs(even_split, reference) -> None:
@@ -258,12 +271,27 @@ async def test_openai_client_through_the_mesh(even_split) -> None:
         await AsyncOpenAI(base_url=even_split.api.url, api_key="wrong").models.list()
 
 
-async def test_uneven_split_matches_one_process(reference) -> None:
-    cluster = await start_local_cluster(3, layers=[(0, 4), (4, 26), (26, 30)])
+async def test_uneven_split_matches_one_process_and_survives_a_killed_middle_stage(reference) -> None:
+    """An uneven split 0..4 / 4..26 / 26..30 (and a replica of 4..26) gives one process's tokens, stage to
+    stage; the middle stage of the request's chain is killed while tokens flow: the stage before it
+    reports it, the request replays on the replica and finishes with the same tokens."""
+    cluster = await start_local_cluster(4, layers=[(0, 4), (4, 26), (26, 30), (4, 26)],
+                                        peer_args=["--heartbeat", "0.5", "--peer-timeout", "3"])
     try:
-        assert [(s.start, s.end) for s in cluster.engine.current_route()] == [(0, 4), (4, 26), (26, 30)]
-        for i in (0, 2, 4):
-            assert await _generate(cluster.engine, reference["ids"][i]) == reference["tokens"][i]
+        engine = cluster.engine
+        assert [(s.start, s.end) for s in engine.current_route()] == [(0, 4), (4, 26), (26, 30)]
+        for i in (0, 2):
+            assert await _generate(engine, reference["ids"][i]) == reference["tokens"][i]
+        got, victim = [], None
+        async for tok in engine.generate(reference["ids"][4], SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)):
+            got.append(tok)
+            if len(got) == 4:
+                victim = engine.traces[-1].routes[-1][1][0]
+                cluster.processes[cluster.peer_ids.index(victim)].send_signal(signal.SIGKILL)
+        assert got == reference["tokens"][4]
+        trace = engine.traces[-1]
+        assert trace.failovers >= 1 and all(victim not in [s[0] for s in r] for r in trace.routes[1:])
+        assert engine.forwards(engine.current_route())
     finally:
         await cluster.stop()
 

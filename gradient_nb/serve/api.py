@@ -2,8 +2,11 @@
 
 The engine does the model work; this layer turns OpenAI requests into prompt token ids and
 `SamplingParams`, cuts the text at stop strings, counts usage and speaks OpenAI's wire format,
-including its error objects. A bad request gets a clear error and the server carries on; a client
-that goes away mid-stream cancels its generation at once (the engine's generator is closed).
+including its error objects. ``n`` > 1 runs n generations of the prompt concurrently (the engine
+batches them; choice i is seeded ``seed + i``), and ``logprobs`` reports each token's log-probability
+under the distribution it was drawn from (``generate_steps``), so RL tools can sample from the mesh.
+A bad request gets a clear error and the server carries on; a client that goes away mid-stream
+cancels its generation at once (the engine's generator is closed).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +32,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .grammar import RequestError, StructuredOutput
-from .sampling import SamplingParams, StopDetector
+from .sampling import MAX_LOGPROBS, SamplingParams, StopDetector
 
 __all__ = ["ApiError", "ApiServer", "Engine", "create_app", "serve_api"]
 
@@ -39,6 +42,9 @@ class Engine(Protocol):
     tokenizer: Any
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]: ...
+
+
+MAX_N = 16  # choices per request
 
 
 class ApiError(Exception):
@@ -92,6 +98,8 @@ class _Job:
     include_usage: bool
     structured: StructuredOutput | None = None  # tools / response_format: decoded under a grammar
     constraint: Any = None  # the grammar's per-step token mask for this one generation
+    n: int = 1  # choices, each its own generation (choice i samples with seed + i when a seed is given)
+    logprobs: int | None = None  # None: no log-probabilities; k: each token's and its top k alternatives
 
 
 def _field(body: dict[str, Any], name: str, types: type | tuple[type, ...], default: Any = None) -> Any:
@@ -158,11 +166,14 @@ class _App:
 
     def _job(self, body: dict[str, Any], prompt_ids: list[int], default_max: int | None) -> _Job:
         n = _field(body, "n", int, 1)
-        if n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
-        if body.get("logprobs") not in (None, False, 0) or body.get("echo") or body.get("best_of") not in (None, 1):
-            raise ApiError(400, "logprobs, echo and best_of are not supported", param="logprobs")
+        if not 1 <= n <= MAX_N:
+            raise ApiError(400, f"'n' must be in [1, {MAX_N}]", param="n")
+        if body.get("echo") or body.get("best_of") not in (None, 1):
+            raise ApiError(400, "echo and best_of are not supported", param="echo")
+        logprobs = self._logprobs(body, default_max is None)
         stream = _field(body, "stream", bool, False)
+        if stream and (n > 1 or logprobs is not None):
+            raise ApiError(400, "streaming supports n=1 without logprobs; ask without stream", param="stream")
         opts = _field(body, "stream_options", dict, {})
         include_usage = bool(opts.get("include_usage")) if stream else False
         temperature = float(_field(body, "temperature", (int, float), 1.0))
@@ -202,14 +213,30 @@ class _App:
                                     stop=list(stop))
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
-        return _Job(prompt_ids, params, stream, include_usage)
+        return _Job(prompt_ids, params, stream, include_usage, n=n, logprobs=logprobs)
+
+    def _logprobs(self, body: dict[str, Any], chat: bool) -> int | None:
+        """How many alternatives each token reports (None: no logprobs). Chat: ``logprobs: true`` with
+        ``top_logprobs`` 0..20; completions: ``logprobs`` 0..5 (OpenAI's legacy limit)."""
+        if chat:
+            on = _field(body, "logprobs", bool, False)
+            top = _field(body, "top_logprobs", int)
+            if top is not None and not on:
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+            if top is not None and not 0 <= top <= MAX_LOGPROBS:
+                raise ApiError(400, f"'top_logprobs' must be in [0, {MAX_LOGPROBS}]", param="top_logprobs")
+            return (top or 0) if on else None
+        k = _field(body, "logprobs", int)
+        if k is not None and not 0 <= k <= 5:
+            raise ApiError(400, "'logprobs' must be in [0, 5]", param="logprobs")
+        return k
 
     # --------------------------------------------------------------------------- generation
 
     async def _generate(self, job: _Job, state: dict[str, Any]) -> AsyncIterator[str]:
         """Text deltas; sets state['finish_reason'] and state['completion_tokens'] as it goes."""
         detector = StopDetector(self.engine.tokenizer, job.params.stop)
-        tokens = self._tokens(job)
+        tokens = self._tokens(job, state)
         state["completion_tokens"] = 0
         try:
             async for tok in tokens:
@@ -231,10 +258,14 @@ class _App:
             # stop string, or the client went away.
             await tokens.aclose()  # type: ignore[attr-defined]
 
-    def _tokens(self, job: _Job) -> AsyncIterator[int]:
-        if job.constraint is None:
+    def _tokens(self, job: _Job, state: dict[str, Any]) -> AsyncIterator[int]:
+        if job.constraint is None and job.logprobs is None:
             return self.engine.generate(job.prompt_ids, job.params)
-        return _step_tokens(self.engine.generate_steps(job.prompt_ids, job.params, constraint=job.constraint))
+        if not hasattr(self.engine, "generate_steps"):
+            raise ApiError(400, "this engine cannot report log-probabilities", param="logprobs")
+        params = job.params if job.logprobs is None else replace(job.params, logprobs=job.logprobs)
+        return _step_tokens(self.engine.generate_steps(job.prompt_ids, params, constraint=job.constraint),
+                            state.setdefault("steps", []))
 
     def _constrain(self, job: _Job, structured: StructuredOutput) -> None:
         if not hasattr(self.engine, "generate_steps"):
@@ -258,7 +289,13 @@ class _App:
         obj = "chat.completion" if chat else "text_completion"
         state: dict[str, Any] = {}
         if not job.stream:
-            collect = asyncio.ensure_future(_collect(self._generate(job, state)))
+            # n choices are n concurrent generations of the same prompt (the engine batches them).
+            jobs = [job if i == 0 else replace(job, params=replace(
+                job.params, seed=None if job.params.seed is None else (job.params.seed + i) % 2**63))
+                for i in range(job.n)]
+            states: list[dict[str, Any]] = [state] + [{} for _ in range(job.n - 1)]
+            collect = asyncio.ensure_future(asyncio.gather(*(_collect(self._generate(j, st))
+                                                             for j, st in zip(jobs, states, strict=True))))
             listener = asyncio.ensure_future(_until_disconnect(request))
             try:
                 await asyncio.wait({collect, listener}, return_when=asyncio.FIRST_COMPLETED)
@@ -269,17 +306,23 @@ class _App:
                 await asyncio.gather(collect, listener, return_exceptions=True)
             if collect.cancelled():
                 return Response(status_code=499)
-            text = collect.result()
-            choice: dict[str, Any] = {"index": 0, "finish_reason": state["finish_reason"], "logprobs": None}
-            if chat and job.structured is not None:
-                choice["message"], finish = job.structured.message(text)
-                choice["finish_reason"] = finish or state["finish_reason"]
-            elif chat:
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
+            choices = []
+            for i, (text, st) in enumerate(zip(collect.result(), states, strict=True)):
+                choice: dict[str, Any] = {"index": i, "finish_reason": st["finish_reason"], "logprobs": None}
+                if job.logprobs is not None:
+                    choice["logprobs"] = _logprobs_object(self.engine.tokenizer, st.get("steps", []),
+                                                          st["completion_tokens"], chat)
+                if chat and job.structured is not None:
+                    choice["message"], finish = job.structured.message(text)
+                    choice["finish_reason"] = finish or st["finish_reason"]
+                elif chat:
+                    choice["message"] = {"role": "assistant", "content": text}
+                else:
+                    choice["text"] = text
+                choices.append(choice)
+            usage = self._usage(job, {"completion_tokens": sum(st["completion_tokens"] for st in states)})
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": self.model_name,
-                                 "choices": [choice], "usage": self._usage(job, state)})
+                                 "choices": choices, "usage": usage})
 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -407,12 +450,34 @@ def _conversation(messages: list[Any]) -> list[dict[str, str]]:
     return conv
 
 
-async def _step_tokens(steps: AsyncIterator[Any]) -> AsyncIterator[int]:
+async def _step_tokens(steps: AsyncIterator[Any], record: list[Any] | None = None) -> AsyncIterator[int]:
     try:
         async for step in steps:
+            if record is not None:
+                record.append(step)
             yield step.token
     finally:
         await steps.aclose()  # type: ignore[attr-defined]
+
+
+def _logprobs_object(tokenizer: Any, steps: list[Any], count: int, chat: bool) -> dict[str, Any]:
+    """OpenAI's logprobs of a choice from the engine's steps (each token's log-probability under the
+    distribution it was drawn from, and its top alternatives), for the ``count`` tokens of the answer."""
+    steps = steps[:count]
+
+    def text(t: int) -> str:
+        return tokenizer.decode([t])
+
+    if chat:
+        return {"content": [{"token": text(s.token), "logprob": s.logprob, "bytes": list(text(s.token).encode()),
+                             "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
+                                              for t, lp in s.top]} for s in steps], "refusal": None}
+    offsets, at = [], 0
+    for s in steps:
+        offsets.append(at)
+        at += len(text(s.token))
+    return {"tokens": [text(s.token) for s in steps], "token_logprobs": [s.logprob for s in steps],
+            "top_logprobs": [{text(t): lp for t, lp in s.top} for s in steps], "text_offset": offsets}
 
 
 async def _collect(deltas: AsyncIterator[str]) -> str:

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 import pytest_asyncio
+import torch
 
 from gradient_nb.models import DEFAULT_MODEL, load_full_model, resolve_model
 from gradient_nb.serve.api import create_app, serve_api
@@ -50,6 +51,9 @@ class TrackedEngine:
             await tokens.aclose()  # the engine frees its KV cache here
             self.finished.append(n)
             self.ended.set()
+
+    def generate_steps(self, prompt_ids: Sequence[int], params: SamplingParams, constraint: Any = None) -> Any:
+        return self.inner.generate_steps(prompt_ids, params, constraint)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -112,6 +116,39 @@ async def test_chat_greedy_matches_plain_transformers(client: openai.AsyncOpenAI
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), len(ref))
     assert out.usage.total_tokens == len(ids) + len(ref)
     assert out.model == DEFAULT_MODEL and out.object == "chat.completion"
+
+
+async def test_n_choices_and_logprobs(client: openai.AsyncOpenAI, engine: TrackedEngine, reference: Any) -> None:
+    # Greedy with logprobs: each token's log-probability is plain transformers' log-softmax, and the drawn
+    # token is the top alternative.
+    out = await client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, temperature=0,
+                                               max_tokens=8, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    ids = chat_ids(engine, QUESTION)
+    answer = reference_greedy(reference, engine.tokenizer, ids, 8)
+    assert len(content) == out.usage.completion_tokens == len(answer) > 0
+    with torch.no_grad():
+        logp = torch.log_softmax(reference(torch.tensor([ids + answer])).logits[0].float(), -1)
+    for j, (c, tok) in enumerate(zip(content, answer, strict=True)):
+        assert c.token == engine.tokenizer.decode([tok]) and len(c.top_logprobs) == 3
+        assert c.top_logprobs[0].token == c.token and c.top_logprobs[0].logprob == c.logprob
+        assert abs(c.logprob - float(logp[len(ids) - 1 + j, tok])) < 1e-4
+    # n choices: n generations of one prompt, each seeded on its own, repeatable.
+    kw = dict(model=DEFAULT_MODEL, messages=QUESTION, temperature=1.0, max_tokens=6, n=3, seed=11)
+    a = await client.chat.completions.create(**kw)
+    b = await client.chat.completions.create(**kw)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2] and texts == [c.message.content for c in b.choices]
+    second = await client.chat.completions.create(**{**kw, "n": 1, "seed": 12})  # choice 1 is seeded 11 + 1
+    assert second.choices[0].message.content == texts[1]
+    assert 3 <= a.usage.completion_tokens <= 3 * 6 and a.usage.prompt_tokens == len(ids)
+    legacy = await client.completions.create(model=DEFAULT_MODEL, prompt="Paris is", max_tokens=4, temperature=0,
+                                             logprobs=2, n=2)
+    assert len(legacy.choices) == 2 and legacy.choices[0].text == legacy.choices[1].text
+    lp = legacy.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert all(x <= 0 for x in lp.token_logprobs) and all(len(t) == 2 for t in lp.top_logprobs)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
 
 
 async def test_chat_streaming(client: openai.AsyncOpenAI) -> None:
@@ -211,7 +248,10 @@ async def test_huge_max_tokens_and_other_bad_params(client: openai.AsyncOpenAI) 
     bad: list[tuple[dict[str, Any], str]] = [
         ({"max_tokens": 10**6}, "max_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 2, "stream": True}, "stream"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"temperature": 3.5}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),

@@ -60,7 +60,11 @@ class _Refreshing:
     def refresh(self) -> None:
         raise NotImplementedError
 
+    async def _prepare(self) -> None:
+        """Make what the first refresh needs (runs on the loop, after the cell returned)."""
+
     async def _loop(self) -> None:
+        await self._prepare()
         while True:
             try:
                 self.refresh()
@@ -113,11 +117,24 @@ class ServingMonitor(_Refreshing):
     per peer over time."""
 
     def __init__(self, session: Any) -> None:
-        import plotly.graph_objects as go
-
         self.session = session
         self.status = widgets.HTML("<b>parallax</b>: starting to serve…")
         self.ready = False
+        # The plots come a moment later (see _prepare): a kernel's first plotly FigureWidget costs
+        # seconds (plotly's import and its JavaScript bundle), which the cell need not wait for.
+        self.layers: Any = None
+        self.speed: Any = None
+        self.queue: Any = None
+        self.box = widgets.VBox([self.status])
+        self._shown_layers: list[Any] = []
+        self._last = ""  # what it served and how, while it was ready
+
+    async def _prepare(self) -> None:
+        if self.layers is not None:
+            return
+        await asyncio.to_thread(_import_plotly)  # the slow, thread-safe part; widgets are made on the loop
+        import plotly.graph_objects as go
+
         self.layers = go.FigureWidget(layout={"title": {"text": "layers per peer"}, "height": 240,
                                               "barmode": "overlay", "xaxis": {"title": {"text": "layer"}},
                                               "margin": {"t": 40, "b": 40}})
@@ -126,9 +143,7 @@ class ServingMonitor(_Refreshing):
         self.queue = go.FigureWidget(layout={"title": {"text": "queue (requests) and latency (ms per call)"},
                                              "height": 240, "xaxis": {"title": {"text": "seconds ago"}},
                                              "margin": {"t": 40, "b": 40}})
-        self.box = widgets.VBox([self.status, self.layers, self.speed, self.queue])
-        self._shown_layers: list[Any] = []
-        self._last = ""  # what it served and how, while it was ready
+        self.box.children = (self.status, self.layers, self.speed, self.queue)
 
     def failed(self, exc: BaseException) -> None:
         from .magics import short_message
@@ -197,7 +212,7 @@ class ServingMonitor(_Refreshing):
         if line != self.status.value:
             self.status.value = line
         mesh = self.session.mesh
-        if mesh is None:
+        if mesh is None or self.layers is None:
             return
         serving = [(p["name"], tuple(p["layers"])) for p in mesh.snapshot()["peers"] if p.get("layers")]
         if serving != self._shown_layers:
@@ -238,3 +253,9 @@ class ServingMonitor(_Refreshing):
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text("<ServingMonitor>")
+
+
+def _import_plotly() -> None:
+    # FigureWidget's module (anywidget, and the JavaScript bundle it sends) and the figure classes.
+    import plotly.basewidget
+    import plotly.graph_objects  # noqa: F401

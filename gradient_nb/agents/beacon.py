@@ -77,7 +77,7 @@ class Beacon:
     id: str = field(default_factory=lambda: secrets.token_hex(8))
 
     @classmethod
-    def for_task(cls, task: str, *, k: int = 1, deadline_s: float = 3.0, ttl: float = 5.0) -> Beacon:
+    def for_task(cls, task: str, *, k: int = 1, deadline_s: float = 5.0, ttl: float = 5.0) -> Beacon:
         return cls(task, embed(task).tolist(), time.time() + deadline_s, k, ttl)
 
     def header(self) -> dict[str, Any]:

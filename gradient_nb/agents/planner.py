@@ -35,6 +35,9 @@ from .beacon import Beacon, Selector
 from .events import RunLog
 from .ledger import Ledger
 
+# How long a step's beacon waits for bids: a bid is an embedding lookup, but a loaded 2-core machine can
+# take seconds to schedule it.
+BID_WAIT_S = 5.0
 _SPLIT = re.compile(r"(?:;|\.\s+|(?<=\?)\s+|,?\s+then\s+|\s+and then\s+)", re.I)
 _ACTION = re.compile(r"^(compute|calculate|convert|add|subtract|multiply|divide|find|what|how|give|evaluate|"
                      r"solve)\b", re.I)
@@ -137,7 +140,7 @@ class Planner:
                 raise PlanFailed(f"the step budget of {self.max_steps} dispatches is spent")
             if time.monotonic() > self._deadline:
                 raise PlanFailed(f"the deadline of {self.deadline_s:g} s passed")
-            beacon = Beacon.for_task(text, k=1, deadline_s=2.0)
+            beacon = Beacon.for_task(text, k=1, deadline_s=BID_WAIT_S)
             log.emit("beacon", step=step.id, beacon=beacon.id, task=text)
             bids = await self.selector.collect_bids(self.mesh, beacon, exclude=excluded)
             for b in bids:

@@ -59,7 +59,7 @@ async def client() -> AsyncIterator[openai.AsyncOpenAI]:
 
 async def test_fifty_tool_calls_all_parse_and_validate(client: openai.AsyncOpenAI) -> None:
     prompts = _prompts(50)
-    limit = asyncio.Semaphore(10)  # concurrent requests ride the engine's batches
+    limit = asyncio.Semaphore(25)  # concurrent requests ride the engine's batches
 
     async def ask(i: int, prompt: str):
         choice = "required" if i % 5 else {"type": "function", "function": {"name": "calculate"}}

@@ -151,9 +151,13 @@ class Trainer:
             self.history.popitem(last=False)
 
     def _old_logprobs(self, groups: list[Group], logp: torch.Tensor) -> torch.Tensor:
-        """The log-probs of each rollout under the adapter of its own version, as the trainer computes them."""
+        """The log-probs of each rollout under the adapter of its own version, as the trainer computes them:
+        ``logp`` (detached) for rollouts of the current version, a recomputation with the kept adapter of
+        their version for stale ones. Swapping adapters changes the LoRA weights in place, so ``loss``
+        calls this before it builds the graph of ``logp`` (then with ``logp`` = zeros) and merges after."""
         old = logp.detach().clone()
-        stale = {g.version for g in groups} - {self.policy.version}
+        rs = [r for g in groups for r in g.rollouts]
+        stale = {r.version for r in rs} - {self.policy.version}
         if not stale:
             return old
         current = self.policy.adapter_state()
@@ -161,13 +165,13 @@ class Trainer:
             for v in sorted(stale):
                 if v not in self.history:
                     raise ValueError(f"version {v} is older than the kept adapters (max_staleness)")
-                rows = [i for i, r in enumerate(r for g in groups for r in g.rollouts) if r.version == v]
-                rs = [r for g in groups for r in g.rollouts]
+                rows = [i for i, r in enumerate(rs) if r.version == v]
                 self.policy.load_adapter_state(self.history[v])
                 with torch.no_grad():
                     lp, _, _ = self.policy.token_logprobs([rs[i].prompt_ids for i in rows],
                                                           [rs[i].completion_ids for i in rows], self.cfg.temperature)
-                old[rows, : lp.shape[1]] = lp
+                width = min(lp.shape[1], old.shape[1])
+                old[rows, :width] = lp[:, :width]
         finally:
             self.policy.load_adapter_state(current)
         return old
@@ -176,13 +180,16 @@ class Trainer:
         rs = [r for g in groups for r in g.rollouts]
         rewards = torch.tensor([r.reward for r in rs], dtype=torch.float32)
         adv = advantages(rewards, self.cfg.num_generations, self.grpo.scale_rewards)
+        width = max(len(r.completion_ids) for r in rs)
+        stale_old = self._old_logprobs(groups, torch.zeros(len(rs), width))  # before the graph (see there)
         self.policy.model.train()
         logp, ent, mask = self.policy.token_logprobs([r.prompt_ids for r in rs], [r.completion_ids for r in rs],
                                                      self.cfg.temperature)
         sampler = torch.zeros_like(mask)
         for i, r in enumerate(rs):
             sampler[i, : len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
-        old = self._old_logprobs(groups, logp)
+        fresh = torch.tensor([r.version == self.policy.version for r in rs])[:, None]
+        old = torch.where(fresh, logp.detach(), stale_old)
         ref = None
         if self.grpo.beta != 0.0:
             with torch.no_grad(), self.policy.model.disable_adapter():

@@ -102,6 +102,9 @@ async def test_sequential_mode_on_the_mesh(warm: Path, swarm, wait_for) -> None:
         stale = run.trainer._old_logprobs(groups, torch.zeros(16, 24))  # recomputed with v's adapter
         for i, r in enumerate(groups[0].rollouts):
             assert np.allclose(stale[i, : len(r.logprobs)].numpy(), r.logprobs, atol=LOGPROB_TOL)
+        # Training on that stale batch: the ratio is pi_now / pi_v, not 1 (AReaL #201), and the step works.
+        stats = run.trainer.train_step(groups)
+        assert abs(stats["ratio_mean"] - 1.0) > 1e-4 and stats["staleness"] == 1.0
 
         # 3. A sampler re-synced mid-rollout (here: deliberately) makes the batch mixed: it is refused.
         batch = asyncio.ensure_future(run.sampler.groups([prompt], run.run_id, v, seed=7))

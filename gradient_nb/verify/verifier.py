@@ -290,18 +290,21 @@ def check_draws(logits: torch.Tensor, draws: Sequence[tuple[int, int, dict[str, 
         if not (0 <= pos < logits.shape[0] and 0 <= token < logits.shape[1]):
             return f"the token drawn at position {pos} is out of range"
         row = logits[pos].float()
+        # The slack is the precision's noise on the logits themselves, so it comes from the unmasked row;
+        # the best a draw could be is the best token the spec's mask allows (-inf for a disallowed one).
         slack = tol.logit_err * float(row.abs().max())
+        allowed = draw_scores(row, {**spec, "temperature": 0.0})
         if spec["temperature"] == 0.0:
-            if float(row[token]) < float(row.max()) - slack:
-                return (f"position {pos}: greedy token {token} has logit {float(row[token]):.3f}, "
-                        f"the best {float(row.max()):.3f} (slack {slack:.3g})")
+            if float(allowed[token]) < float(allowed.max()) - slack:
+                return (f"position {pos}: greedy token {token} has logit {float(allowed[token]):.3f}, "
+                        f"the best allowed {float(allowed.max()):.3f} (slack {slack:.3g})")
             continue
         kept = nucleus(row, spec)
         if float(row[token]) < float(row[kept].min()) - slack:
             return f"position {pos}: token {token} is outside the top_p nucleus"
         scores = draw_scores(row, {**spec, "top_p": 1.0})
         sure = kept & (row >= float(row[kept].min()) + slack)
-        sure[int(row.argmax())] = True  # the top token is always in the nucleus
+        sure[int(allowed.argmax())] = True  # the top allowed token is always in the nucleus
         best = float(scores[sure].max())
         if float(scores[token]) < best - 2 * slack / spec["temperature"]:
             return (f"position {pos}: token {token} is not the draw of seed {spec['seed']} step "

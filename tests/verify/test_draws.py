@@ -86,3 +86,21 @@ def test_draws_out_of_range_fail(served):
     pos, token, spec = draws[0]
     assert "out of range" in check_draws(ref, [(pos, ref.shape[1], spec)], tol)
     assert "out of range" in check_draws(ref, [(ref.shape[0], token, spec)], tol)
+
+
+def test_masked_draws_are_judged_within_the_mask(served):
+    """Constrained decoding: an honest greedy draw is the best *allowed* token, often not the best of
+    the vocabulary; it passes. A token outside the mask fails, however likely it is."""
+    from gradient_nb.serve.sampling import pack_mask
+
+    (ref, draws, outputs), tol = served[0][0], served[1]
+    pos, _, _ = draws[0]
+    y = outputs[0].reshape(-1).float()
+    allowed = torch.ones_like(y, dtype=torch.bool)
+    allowed[torch.topk(y, 3).indices] = False  # the three best tokens are not allowed
+    for base in SPECS:
+        spec = {**base, "seed": 7, "step": 0, "mask": pack_mask(allowed, y.numel())}
+        honest = sample_with(y, spec)
+        assert allowed[honest]
+        assert check_draws(ref, [(pos, honest, spec)], tol) == ""
+        assert "token" in check_draws(ref, [(pos, int(y.argmax()), spec)], tol)

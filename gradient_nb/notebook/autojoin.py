@@ -6,8 +6,8 @@ How a kernel gets the target without ``%load_ext``: the package installs
 reads when it starts (IPython has no ``.d`` directory of config snippets; this is the environment-level file,
 read before the user's profile, which still overrides it). It appends this module to
 ``InteractiveShellApp.extensions``. Loading it is cheap and joins nothing: it imports only ``comm`` (standard
-library), registers the ``gradient_nb.mesh`` comm target and declares ``%mesh``, ``%%parallax`` and
-``%%verify`` as lazy magics (their first use loads the full ``gradient_nb`` extension, torch and aiortc
+library), registers the ``gradient_nb.mesh`` comm target and declares ``%mesh``, ``%%parallax``,
+``%%verify``, ``%%agents`` and ``%%echo`` as lazy magics (their first use loads the full ``gradient_nb`` extension, torch and aiortc
 included, ~2 s). Kernels outside JupyterLab (nbclient, a console) get the same cheap target and nothing else.
 
 Who decides to join: the JupyterLab extension, because the settings (rendezvous URL, mesh, peer name, join
@@ -35,7 +35,7 @@ from . import comm
 __all__ = ["join", "kernel_key", "leave", "load_ipython_extension", "register_comm", "snapshot"]
 
 _SESSION_MODULE = "gradient_nb.notebook.session"
-LAZY_MAGICS = ("mesh", "parallax", "verify")
+LAZY_MAGICS = ("mesh", "parallax", "verify", "agents", "echo")
 
 _kernel_key: tuple[Any, dict[str, Any]] | None = None
 _registered: dict[int, comm.MeshCommTarget] = {}

@@ -215,8 +215,15 @@ class NotebookSession:
         return self._join_task
 
     async def _join(self, url: str | None, **kw: Any) -> Mesh:
+        cert = None
         if kw.pop("ephemeral", False):
             kw["identity"] = Identity.generate()
+        elif kw.get("identity") is None:
+            # Each kernel is a peer of its own (two notebooks of one user must not share a peer id): a
+            # per-kernel key that the user's persistent key certifies, as the panel's joins use.
+            from .autojoin import kernel_key
+
+            kw["identity"], cert = await asyncio.to_thread(kernel_key)
         host = kw.pop("host", None) or "127.0.0.1"
         if url is None:
             # No URL: this kernel introduces a new local mesh itself.
@@ -224,6 +231,8 @@ class NotebookSession:
             url = self.rendezvous.url
         try:
             self.mesh = await asyncio.wait_for(join(url, **kw), JOIN_TIMEOUT)
+            if cert is not None:
+                self.mesh.publish(user_cert=cert)
         except BaseException:
             if self.rendezvous is not None:
                 await self.rendezvous.stop()

@@ -104,3 +104,27 @@ def test_two_fresh_kernels_join_from_the_panel_as_two_peers_of_one_user(kernels)
     a.next_data(is_snapshot(lambda s: len(s.get("peers", [])) == 1), "a sees b gone")
     a.close_comm()
     b.close_comm()
+
+
+def test_two_kernels_joined_by_the_magic_are_two_peers_of_one_user(kernels) -> None:
+    # %mesh join too gives each kernel a key of its own, certified by the user's: before, both joined
+    # with the user's key and the second took over the first's peer id.
+    a, b, home = kernels
+    a.open_comm()
+    a.next_data(is_snapshot(), "a's first snapshot")
+    a.execute("%mesh join --name mag-a --mesh lab")
+    snap_a = a.next_data(is_snapshot(lambda s: s.get("joined") is True and any(p.get("user") for p in s["peers"])),
+                         "a joined by the magic, with its certificate")["snapshot"]
+    user = Identity.load_or_create(home / "identity.key").peer_id
+    assert snap_a["self"] != user
+    b.open_comm()
+    b.next_data(is_snapshot(), "b's first snapshot")
+    b.execute(f"%mesh join {snap_a['rendezvous']} --name mag-b --mesh lab")
+    two = b.next_data(is_snapshot(lambda s: len(s.get("peers", [])) == 2 and all(p.get("user") for p in s["peers"])),
+                      "b sees both kernels")["snapshot"]
+    ids = {p["name"]: p["id"] for p in two["peers"]}
+    assert set(ids) == {"mag-a", "mag-b"} and len(set(ids.values())) == 2 and user not in ids.values()
+    assert {p["user"] for p in two["peers"]} == {user}
+    a.next_data(is_snapshot(lambda s: len(s.get("peers", [])) == 2), "a keeps its id and sees b")
+    a.close_comm()
+    b.close_comm()

@@ -34,13 +34,13 @@ that; and the coordinator only places layers: what those peers return is still v
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import weakref
 from typing import Any
 
 from ..mesh.peer import Mesh
+from ..mesh.tasks import cancel_and_wait
 from .scheduler import (
     Allocation,
     LinkMeasure,
@@ -209,10 +209,7 @@ class Coordinator:
         return self
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _measure(self) -> None:
         """Publish this peer's throughput at the precision it serves (phase 1 splits layers by it)."""

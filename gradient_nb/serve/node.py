@@ -33,6 +33,7 @@ from ..mesh.errors import MeshError, RemoteError, remote_error
 from ..mesh.frames import Message
 from ..mesh.peer import Mesh
 from ..mesh.rpc import CallContext
+from ..mesh.tasks import cancel_and_wait
 from ..models import load_shard, model_info, resolve_model
 from .coordinator import Coordinator, allocation_of, model_cost, serving_peers
 from .observers import ShardObserver
@@ -211,10 +212,7 @@ class ServingPeer:
         with contextlib.suppress(Exception):
             self.mesh.withdraw("shard.forward")
             self.mesh.withdraw("shard.drop")
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+        await cancel_and_wait(self._task)
         if self.runtime is not None:
             await self.runtime.aclose()
         self.runtime = None

@@ -35,7 +35,6 @@ from aiohttp import WSMsgType, web
 
 from .identity import peer_id_of, verify_signature
 from .state import STALE_AFTER_S, Replica
-from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +225,9 @@ class Rendezvous:
             await self._relay(ws, mesh, peer_id, channel)
         finally:
             channel.close()
-            await cancel_and_wait(room_task)
+            room_task.cancel()
+            with contextlib.suppress(BaseException):
+                await room_task
             if mesh.peers.get(peer_id) is ws:
                 del mesh.peers[peer_id]
                 mesh.names.pop(peer_id, None)

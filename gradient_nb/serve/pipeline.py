@@ -38,6 +38,7 @@ import torch
 from ..mesh.errors import MeshError, RemoteError, remote_error
 from ..mesh.frames import Message
 from ..mesh.peer import Mesh
+from ..mesh.tasks import cancel_and_wait
 from ..models import load_tokenizer, model_info, resolve_model
 from .coordinator import allocation_of, model_cost, serving_peers
 from .node import MAX_NEW_TOKENS_PER_CALL, BadReply, forward_items, token_step
@@ -489,8 +490,7 @@ class MeshEngine:
             for t in tasks:
                 t.cancel()
             for t in tasks:
-                with contextlib.suppress(BaseException):
-                    await t
+                await cancel_and_wait(t)
         self._background.clear()  # all done (their own discard callbacks may not have run yet)
         self._batchers.clear()
         for obs in self.observers:

@@ -340,7 +340,8 @@ async def _cmd_chat(args: argparse.Namespace) -> int:
 async def _cmd_agent(args: argparse.Namespace) -> int:
     from .agents.agent import run_volunteer
 
-    return await _until_signalled(lambda stop: run_volunteer(args, stop, _emit))
+    ice = _ice_from(args)
+    return await _until_signalled(lambda stop: run_volunteer(args, stop, _emit, ice=ice))
 
 
 async def _cmd_echo_train(args: argparse.Namespace) -> int:

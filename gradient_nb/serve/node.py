@@ -24,7 +24,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,10 +36,12 @@ from ..mesh.peer import Mesh
 from ..mesh.rpc import CallContext
 from ..mesh.tasks import cancel_and_wait
 from ..models import load_shard, model_info, resolve_model
+from ..models.manifest import is_synced
 from .coordinator import Coordinator, allocation_of, model_cost, serving_peers
 from .observers import ShardObserver
 from .sampling import TokenStep, draw, parse_spec, unpack_mask
 from .shard import RuntimeClosed, ShardError, ShardRuntime
+from .weights_sync import ContentServer, SyncError, SyncProgress, WeightFetcher, find_model
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ MAX_ITEMS_PER_CALL = 256
 MAX_SESSION_LEN = 128
 MAX_CHAIN_STAGES = 64
 CHAIN_LINK_TIMEOUT = 10.0  # how long a stage tries to link to the next one before the entry uses the star
+FETCH_RETRY_S = 5.0  # after a failed weights fetch, try again this much later
 
 
 class BadForward(ValueError):
@@ -153,15 +157,23 @@ def forward_one(reply: Message) -> torch.Tensor:
 
 class ServingPeer:
     """Serves a layer range of ``model`` on ``mesh``. ``layers=None`` lets the coordinator choose.
-    ``observers`` watch the shard (``gradient_nb.verify.attach_commitments`` adds the commitments)."""
+    ``observers`` watch the shard (``gradient_nb.verify.attach_commitments`` adds the commitments).
+
+    Every serving peer also provides its model's weights to peers that lack them (``weights_sync.py``);
+    a peer built on a synced folder (:meth:`open` on a machine without the model) fetches the parts of
+    each layer range it is assigned before loading it, reporting to ``on_weights_progress``."""
 
     def __init__(self, mesh: Mesh, model: str | None = None, *, dtype: str = "float32",
                  quantization: str | None = None, layers: tuple[int, int] | None = None,
                  memory_cap_bytes: int | None = None, device: str = "cpu",
-                 observers: Sequence[ShardObserver] = ()) -> None:
+                 observers: Sequence[ShardObserver] = (),
+                 on_weights_progress: Callable[[SyncProgress], None] | None = None) -> None:
         self.mesh = mesh
         self.path = resolve_model(model) if model is not None else resolve_model()
         self.info = model_info(self.path)
+        self.fetcher = WeightFetcher(mesh, self.path, self._on_weights) if is_synced(self.path) else None
+        self._on_weights_progress = on_weights_progress
+        self.content: ContentServer | None = None
         self.model_id = self.info.name
         self.dtype = getattr(torch, dtype)
         self.dtype_name = dtype
@@ -181,12 +193,21 @@ class ServingPeer:
         self._latency_ms = 0.0
         self.observers: list[ShardObserver] = list(observers)
 
+    @classmethod
+    async def open(cls, mesh: Mesh, model: str | None = None, **kwargs: Any) -> ServingPeer:
+        """A serving peer for ``model`` whether this machine has its files or not: without them, its
+        manifest, config and tokenizer come from the peers that provide it, and its layers follow when the
+        coordinator assigns them (``weights_sync.find_model``). Construction runs off the loop."""
+        path = await find_model(mesh, model)
+        return await asyncio.to_thread(lambda: cls(mesh, str(path), **kwargs))
+
     async def start(self) -> ServingPeer:
         if self.fixed_layers is not None:
             s, e = self.fixed_layers
             if not 0 <= s < e <= self.info.num_layers:
                 raise ValueError(f"layers {s}..{e} are outside the model's 0..{self.info.num_layers}")
         self._announce()
+        self.content = ContentServer(self.mesh, Path(self.path), self.info).start()
         self.mesh.offer("shard.forward", self._forward)
         self.mesh.offer("shard.drop", self._drop)
         self._unwatch = self.mesh.state.watch(lambda _ns: self._reload.set())
@@ -213,6 +234,8 @@ class ServingPeer:
             self.mesh.withdraw("shard.forward")
             self.mesh.withdraw("shard.drop")
         await cancel_and_wait(self._task)
+        if self.content is not None:
+            await self.content.stop()
         if self.runtime is not None:
             await self.runtime.aclose()
         self.runtime = None
@@ -249,6 +272,16 @@ class ServingPeer:
 
     async def _load(self, layers: tuple[int, int]) -> None:
         start, end = layers
+        if self.fetcher is not None and self.fetcher.missing(start, end):
+            try:
+                await self.fetcher.fetch_layers(start, end)
+            except SyncError as exc:
+                log.warning("could not fetch layers %d..%d of %s (retrying in %g s): %s", start, end,
+                            self.model_id, FETCH_RETRY_S, exc)
+                asyncio.get_running_loop().call_later(FETCH_RETRY_S, self._reload.set)
+                return
+            if self.content is not None:
+                await self.content.refresh()  # provide what was just fetched
         log.info("loading layers %d..%d of %s", start, end, self.model_id)
         shard = await asyncio.to_thread(load_shard, self.path, start, end, dtype=self.dtype,
                                         quantization=self.quantization, device=self.device)
@@ -400,10 +433,19 @@ class ServingPeer:
             flush()
         return Message(header)
 
+    def _on_weights(self, progress: SyncProgress) -> None:
+        # The registry record carries it with the next heartbeat (as serving_stats).
+        self.mesh.extra_record["weights_sync"] = progress.as_dict()
+        if progress.finished:
+            log.info("%s", progress.line())
+        if self._on_weights_progress is not None:
+            self._on_weights_progress(progress)
+
     def _stats(self) -> dict[str, Any]:
         return {"served_tokens": self.served_tokens, "queue": self._queue,
                 "latency_ms": round(self._latency_ms, 3)}
 
     def status(self) -> dict[str, Any]:
+        last = self.fetcher.last if self.fetcher is not None else None
         return {"model": self.model_id, "layers": self.layers, "loads": self.loads,
-                "served_tokens": self.served_tokens}
+                "served_tokens": self.served_tokens, "weights": last.as_dict() if last is not None else None}

@@ -105,6 +105,7 @@ SERVE_KEYS = {
     "quantization": "none | int8 | nf4",
     "layers": "auto (the coordinator decides) or START:END",
     "memory_cap": "offer at most this much memory, e.g. 2G",
+    "adapter": "a LoRA adapter folder (peft's, e.g. saved by %%echo train) merged into the layers served",
     "api": "true to expose an OpenAI-compatible API from this kernel",
     "port": "API port (default: a free one)",
     "api_key": "bearer token the API requires (required beyond loopback)",
@@ -497,6 +498,7 @@ class GradientMagics(Magics):
         quantization: none      # int8, nf4 (bitsandbytes)
         layers: auto            # or START:END
         memory_cap: 2G          # offer at most this much memory
+        adapter: PATH           # a LoRA adapter folder (e.g. %%echo train's save) merged into the layers
         api: false              # true: an OpenAI-compatible API from this kernel
         port: 8000              # with api: the port (default: a free one)
         api_key: secret         # with api: the bearer token clients must send
@@ -504,7 +506,9 @@ class GradientMagics(Magics):
             layers unless `layers` is given); the cell returns at once and shows live widgets of the
             allocation and of each peer's tokens/s, queue and latency. An empty body serves the bundled
             model. Run again, it replaces the running serve; a config the model cannot take (layers
-            beyond its last) is refused before the running serve is touched.
+            beyond its last, an adapter for another model) is refused before the running serve is
+            touched. With an adapter, this kernel's requests route only through peers serving the same
+            adapter (this kernel, peers started with `gradient-nb peer --serve MODEL --adapter PATH`).
 
         %%parallax ask [--max-tokens N] [--temperature T] [--top-p P] [--seed S] [--background]
                        [--wait SECONDS]

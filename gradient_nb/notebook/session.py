@@ -28,6 +28,12 @@ The session is a small state machine, and every failure leaves it in one of its 
   fails after that leaves *joined*, never a half-made server: :attr:`server` is only ever assigned a
   server whose ``start()`` returned;
 - *serving* → ``serve`` again → *serving* with the new config (the old server hands over first);
+- a config with ``adapter: PATH`` serves a LoRA adapter (peft's folder, as ``%%echo train`` saves it)
+  merged into this kernel's layers. It is checked first like the rest (the folder, the safetensors, and
+  every matrix's shape against the model's weights), and requests from this kernel then route only
+  through peers that serve the same adapter (``rl.sampler.AdapterGuard``): this kernel, and peers
+  started with ``gradient-nb peer --serve MODEL --adapter PATH``, so no answer mixes adapted and base
+  layers. Verification is off for them (the verifier recomputes with the base weights);
 - any → ``leave`` → *not joined*, with every task, local peer and monitor of the session stopped.
 
 Expected failures (not joined yet, no route, a config the model refuses) are :class:`SessionError` exceptions:
@@ -167,6 +173,7 @@ class NotebookSession:
         self._answered_at: float | None = None  # wall time the last answer ended (see metrics())
         self._tasks: set[asyncio.Task] = set()
         self._engine_lock: asyncio.Lock | None = None
+        self._engine_adapter: str | None = None  # the adapter id the engine routes for (None: the base)
         # Registered after ipykernel's own atexit handlers (the extension loads after the kernel starts),
         # so it runs before them (atexit is last in, first out): iopub and the sockets are still open.
         atexit.register(self._at_exit)
@@ -476,6 +483,8 @@ class NotebookSession:
     def check_serve_config(self, config: dict[str, Any], *, quick: bool = False) -> None:
         """Raise :class:`BadServeConfig` if the model cannot take ``config``. ``quick``: only what is known
         without loading anything (the model of the running serve), for an answer in the cell itself."""
+        if config.get("adapter") is not None:
+            _check_adapter(config, quick)
         layers = config.get("layers")
         if layers is None:
             return
@@ -513,6 +522,10 @@ class NotebookSession:
                                 quantization=config.get("quantization"), layers=config.get("layers"),
                                 memory_cap_bytes=config.get("memory_cap")))
         attach_commitments(server)
+        adapter = config.get("adapter")
+        service = None
+        if adapter is not None:
+            service = await asyncio.to_thread(_adapter_service, server, adapter)
         # The config is good: only now is what runs touched.
         old, self.server = self.server, None
         if old is not None:
@@ -520,13 +533,19 @@ class NotebookSession:
         if self.api is not None:
             api, self.api = self.api, None
             await api.stop()
+        if mesh.extra_record.get("echo") is not None:
+            mesh.publish(echo=None)  # the previous serve's adapter is not served any more
         try:
+            if service is not None:
+                service.start(sync=False)  # merged into the layers the server loads; no trainer may sync it
             await server.start()
         except BaseException:
+            if service is not None:
+                mesh.publish(echo=None)
             await _discard(server)
             raise
         self.server = server
-        engine = await self._get_engine(config.get("model"))
+        engine = await self._get_engine(config.get("model"), adapter=_adapter_id(adapter))
         if config.get("api"):
             from ..serve.api import serve_api
 
@@ -534,7 +553,9 @@ class NotebookSession:
                                        port=config.get("port", 0), api_key=config.get("api_key"))
         return self.server
 
-    async def _get_engine(self, model: str | None) -> Any:
+    async def _get_engine(self, model: str | None, adapter: str | bool | None = False) -> Any:
+        """The engine of the served model; ``adapter`` (an adapter id, or None for the base weights) makes
+        a new one if the current one routes for another (False: whatever the current one routes for)."""
         mesh = await self.wait_mesh()
         await asyncio.to_thread(_import_serving)
         from ..serve.pipeline import MeshEngine
@@ -543,14 +564,22 @@ class NotebookSession:
             self._engine_lock = asyncio.Lock()
         async with self._engine_lock:
             want = self.server.model_id if self.server is not None else None
-            if self.engine is None or self.engine.mesh is not mesh or (want and self.engine.model_name != want):
+            switch = adapter is not False and adapter != self._engine_adapter
+            if self.engine is None or self.engine.mesh is not mesh or (want and self.engine.model_name != want) \
+                    or switch:
                 from ..verify import attach_verification
 
-                if self.engine is not None and self.engine.mesh is not mesh:
+                if self.engine is not None and (self.engine.mesh is not mesh or switch):
                     with contextlib.suppress(Exception):
                         await self.engine.aclose()  # its mesh is gone; a model switch lets old requests end
                 self.engine = await asyncio.to_thread(MeshEngine, mesh, model)
-                attach_verification(self.engine)
+                self._engine_adapter = None if adapter is False else adapter
+                if self._engine_adapter is None:
+                    attach_verification(self.engine)
+                else:  # the verifier recomputes with the base weights: adapted answers are not comparable
+                    from ..rl.sampler import AdapterGuard
+
+                    self.engine.observers.append(AdapterGuard(mesh, self._engine_adapter))
         return self.engine
 
     def _names(self) -> dict[str, str]:
@@ -718,6 +747,59 @@ def _import_serving() -> None:
     # The serving stack's first import takes ~1-2 s (torch, transformers); done in a worker thread.
     from ..serve import node, pipeline  # noqa: F401
     from ..verify import report  # noqa: F401
+
+
+def _adapter_id(path: str | None) -> str | None:
+    if path is None:
+        return None
+    from ..rl.sampler import adapter_id
+
+    return adapter_id(path)
+
+
+def _adapter_service(server: Any, path: str) -> Any:
+    """A fixed-adapter ``SamplerService`` for ``server``, not started yet."""
+    from pathlib import Path
+
+    from ..models.adapter import load_adapter
+    from ..rl.sampler import SamplerService, adapter_id
+
+    return SamplerService(server, adapter=load_adapter(path), adapter_name=Path(path).name,
+                          adapter_id=adapter_id(path))
+
+
+def _check_adapter(config: dict[str, Any], quick: bool) -> None:
+    """Raise :class:`BadServeConfig` unless ``config["adapter"]`` is a LoRA adapter folder this serve can
+    merge: readable, valid (safetensors, LoRA keys, ranks), for float weights, and (unless ``quick``)
+    every matrix the shape of the model's weight it patches (read from the safetensors headers only)."""
+    from ..models.adapter import AdapterError, load_adapter
+
+    path = config["adapter"]
+    if config.get("quantization"):
+        raise BadServeConfig(f"adapter {path}: a LoRA adapter merges into float weights; drop quantization")
+    try:
+        adapter = load_adapter(path)
+    except (FileNotFoundError, OSError, AdapterError) as exc:
+        raise BadServeConfig(f"adapter {path}: {exc}") from None
+    if quick:
+        return
+    from ..models import model_info, resolve_model
+    from ..models.loader import _tensor_index
+
+    try:
+        p = resolve_model(config["model"]) if config.get("model") is not None else resolve_model()
+        n = model_info(p).num_layers
+        shapes = {k: tuple(v[1]) for k, v in _tensor_index(p).items()}
+    except (FileNotFoundError, OSError) as exc:
+        raise BadServeConfig(str(exc)) from None
+    for (layer, module), (a, b) in sorted(adapter.weights.items()):
+        want = shapes.get(f"model.layers.{layer}.{module}.weight")
+        if not 0 <= layer < n or want is None:
+            raise BadServeConfig(f"adapter {path}: layer {layer} {module} is not a weight of {p.name} "
+                                 "(an adapter for another model?)")
+        if (b.shape[0], a.shape[1]) != want:
+            raise BadServeConfig(f"adapter {path}: layer {layer} {module} is {b.shape[0]}x{a.shape[1]}, "
+                                 f"{p.name}'s weight is {want[0]}x{want[1]} (an adapter for another model?)")
 
 
 def _default_model_name() -> str:

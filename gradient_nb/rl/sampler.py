@@ -11,18 +11,23 @@ are samplers with no other flag) adds:
 - a tag on every ``shard.forward`` reply, ``"echo": [run, version]``, which the trainer's
   ``VersionGuard`` checks on every stage of every step, so a rollout never mixes versions.
 - a lease: the peer is bound to the trainer that synced it; when that trainer has not synced it for
-  ``lease_s`` (it crashed, or the run ended), the peer restores its base weights and drops the tag, so
+  the lease (it crashed, or the run ended), the peer restores its base weights and drops the tag, so
   the end of a run (or a dead trainer) can never leave samplers serving a stale policy or waiting on
-  anyone. Another trainer's sync is refused while the lease runs (``SamplerBusy``).
+  anyone. Another trainer's sync is refused while the lease runs (``SamplerBusy``). The trainer may ask
+  for a shorter lease with each sync (``lease_s``, its ``sampler_lease_s``); this peer's ``lease_s`` is
+  the most it grants.
 
-A fixed adapter (``gradient-nb serve --adapter PATH``) is served the same way, with the tag
-``[adapter-name, 0]`` and no lease.
+A fixed adapter (``gradient-nb serve --adapter PATH``, ``%%parallax serve`` with ``adapter: PATH``) is
+served the same way, with the tag ``[adapter-name, 0]`` and no lease; the peer's ``echo`` record names it
+by ``adapter_id`` (a hash of its files), so an entry that serves that adapter routes only through peers
+serving the same one (``AdapterGuard``), never half through the base weights.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -32,7 +37,8 @@ import torch
 
 from ..mesh.frames import Message
 from ..mesh.rpc import CallContext
-from ..models.adapter import AdapterMerge, LoraAdapter, load_adapter
+from ..mesh.tasks import cancel_and_wait
+from ..models.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterMerge, LoraAdapter, load_adapter
 from ..models.loader import ShardModel
 from .weights import SyncError, check_announcement, fetch
 
@@ -51,14 +57,17 @@ class SamplerService:
     """The sampler side of Echo on one serving peer (a ``ShardObserver`` plus ``echo.sync``)."""
 
     def __init__(self, server: Any, *, lease_s: float = DEFAULT_LEASE_S, adapter: LoraAdapter | None = None,
-                 adapter_name: str = "adapter") -> None:
+                 adapter_name: str = "adapter", adapter_id: str | None = None) -> None:
         self.server = server
         self.mesh = server.mesh
         self.lease_s = lease_s
         self.fixed = adapter
+        self.fixed_id = adapter_id if adapter is not None else None
         self.adapter: LoraAdapter | None = adapter
-        self.tag: list[Any] | None = [adapter_name, 0] if adapter is not None else None
+        self.fixed_tag: list[Any] | None = [adapter_name, 0] if adapter is not None else None
+        self.tag: list[Any] | None = self.fixed_tag
         self.trainer: str | None = None
+        self.lease_now = lease_s  # the lease of the current binding (what the trainer asked, at most lease_s)
         self.last_sync = 0.0
         self.syncs = 0
         self.failures: list[str] = []
@@ -81,17 +90,18 @@ class SamplerService:
         return {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def start(self) -> SamplerService:
+    def start(self, *, sync: bool = True) -> SamplerService:
+        """Watch the server's shard; ``sync=False``: serve the fixed adapter only, no trainer can sync it."""
         self.server.observers.append(self)
-        self.mesh.offer(SYNC_METHOD, self._sync)
+        if sync:
+            self.mesh.offer(SYNC_METHOD, self._sync)
+        if self.fixed is not None:
+            self._publish()
         return self
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-            self._watch = None
+        await cancel_and_wait(self._watch)
+        self._watch = None
         with contextlib.suppress(Exception):
             self.mesh.withdraw(SYNC_METHOD)
 
@@ -111,22 +121,29 @@ class SamplerService:
         self.state = why
         self._publish()
         await self._apply(self.fixed)
-        self.tag = None if self.fixed is None else self.tag
+        if self.fixed is not None:
+            self.tag, self.state = self.fixed_tag, f"fixed adapter ({why})"
+            self._publish()
 
     def _publish(self) -> None:
-        self.mesh.publish(echo={"state": self.state, "tag": self.tag, "trainer": self.trainer})
+        fixed = self.fixed_id if self.tag is not None and self.tag == self.fixed_tag else None
+        self.mesh.publish(echo={"state": self.state, "tag": self.tag, "trainer": self.trainer, "adapter_id": fixed})
 
     async def _sync(self, msg: Message, ctx: CallContext) -> Message:
         deadline = msg.header.get("deadline_s")
         if not isinstance(deadline, int | float) or not 0 < deadline <= MAX_SYNC_DEADLINE_S:
             raise ValueError(f"deadline_s must be in (0, {MAX_SYNC_DEADLINE_S}]")
+        lease = msg.header.get("lease_s", self.lease_s)
+        if not isinstance(lease, int | float) or isinstance(lease, bool) or not lease > 0:
+            raise ValueError("lease_s must be a number of seconds > 0")
+        lease = min(float(lease), self.lease_s)
         if self.trainer is not None and self.trainer != ctx.peer_id and \
-                time.monotonic() - self.last_sync < self.lease_s:
+                time.monotonic() - self.last_sync < self.lease_now:
             raise SamplerBusy(f"this peer samples for trainer {self.trainer[:8]} until its lease ends")
         a = check_announcement(msg.header.get("announcement"), ctx.peer_id)
         async with self._lock:
             if self.trainer == ctx.peer_id and self.tag == [a.run, a.version]:
-                self.last_sync = time.monotonic()  # renews the lease
+                self.last_sync, self.lease_now = time.monotonic(), lease  # renews the lease
                 return Message({"version": a.version, "fetched": False, "sync_ms": 0.0, "bytes": 0})
             self.tag = None  # from here until the new version is merged, no rollout is tagged at all
             try:
@@ -138,6 +155,7 @@ class SamplerService:
                 log.error("weight sync failed, this peer produces no rollouts: %s", exc)
                 raise
             self.trainer, self.tag, self.last_sync = ctx.peer_id, [a.run, a.version], time.monotonic()
+            self.lease_now = lease
             self.syncs += 1
             self.state = f"sampling {a.run} v{a.version}"
             self._publish()
@@ -147,18 +165,64 @@ class SamplerService:
 
     async def _lease(self) -> None:
         while self.trainer is not None:
-            left = self.lease_s - (time.monotonic() - self.last_sync)
+            left = self.lease_now - (time.monotonic() - self.last_sync)
             if left <= 0:
-                log.warning("no sync from trainer %s for %.0f s: back to the base weights", self.trainer[:8],
-                            self.lease_s)
-                await self._unbind(f"stopped: no sync from the trainer for {self.lease_s:.0f} s")
+                log.warning("no sync from trainer %s for %.1f s: back to the base weights", self.trainer[:8],
+                            self.lease_now)
+                await self._unbind(f"stopped: no sync from the trainer for {self.lease_now:.1f} s")
                 return
             await asyncio.sleep(min(left, 1.0))
 
 
-def attach_sampler(server: Any, *, adapter: str | Path | None = None, lease_s: float = DEFAULT_LEASE_S
-                   ) -> SamplerService:
-    """Make a ``ServingPeer`` (before ``start()``) an RL sampler; ``adapter`` serves a fixed LoRA adapter."""
+def adapter_id(path: str | Path) -> str:
+    """What names an adapter folder on the mesh: the sha256 of its config and weights files (16 hex digits)."""
+    p = Path(path).expanduser()
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        h.update((p / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def attach_sampler(server: Any, *, adapter: str | Path | None = None, lease_s: float = DEFAULT_LEASE_S,
+                   sync: bool = True) -> SamplerService:
+    """Make a ``ServingPeer`` (before ``start()``) an RL sampler; ``adapter`` serves a fixed LoRA adapter;
+    ``sync=False`` serves only that adapter (no trainer can sync the peer)."""
     fixed = load_adapter(adapter) if adapter is not None else None
     name = Path(adapter).name if adapter is not None else "adapter"
-    return SamplerService(server, lease_s=lease_s, adapter=fixed, adapter_name=name).start()
+    aid = adapter_id(adapter) if adapter is not None else None
+    return SamplerService(server, lease_s=lease_s, adapter=fixed, adapter_name=name, adapter_id=aid).start(sync=sync)
+
+
+class AdapterGuard:
+    """A ``RequestObserver`` on an entry that serves the fixed adapter ``adapter_id``: routing avoids every
+    serving peer whose ``echo`` record does not say it serves that adapter now (a peer of the base model,
+    another adapter, or one a trainer's run holds), so no request mixes the adapter's layers with others."""
+
+    name = "adapter"
+
+    def __init__(self, mesh: Any, adapter_id: str) -> None:
+        self.mesh = mesh
+        self.adapter_id = adapter_id
+
+    def avoided_peers(self) -> set[str]:
+        out = set()
+        for pid, rec in self.mesh.state.peers().items():  # this peer's own record included
+            echo = rec.get("echo") if isinstance(rec, dict) else None
+            if not (isinstance(echo, dict) and echo.get("adapter_id") == self.adapter_id):
+                out.add(pid)
+        return out
+
+    def begin(self, stages: Any) -> None:
+        return None
+
+    def on_call(self, *args: Any) -> None:
+        return None
+
+    def on_drop(self, *args: Any) -> None:
+        return None
+
+    def finish(self, *args: Any) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None

@@ -81,6 +81,9 @@ class EchoConfig:
     importance_sampling_mode: str = "token_truncate"
     importance_sampling_cap: float = 3.0
     sync_deadline_s: float = 30.0
+    # How long a sampler stays bound to this run without a sync (capped by the sampler's own lease): when
+    # the trainer dies, its samplers go back to their base weights this long after its last sync.
+    sampler_lease_s: float = 60.0
     rollout_deadline_s: float = 120.0
     save: str | None = None  # where to save the final adapter
 
@@ -328,7 +331,8 @@ class EchoRun:
             async def one(pid: str) -> tuple[str, Any]:
                 try:
                     return pid, await self.mesh.call(pid, SYNC_METHOD, Message(
-                        {"announcement": a.record, "deadline_s": self.cfg.sync_deadline_s}),
+                        {"announcement": a.record, "deadline_s": self.cfg.sync_deadline_s,
+                         "lease_s": self.cfg.sampler_lease_s}),
                         timeout=self.cfg.sync_deadline_s + 5)
                 except Exception as exc:  # each failure is recorded and routed around
                     return pid, exc

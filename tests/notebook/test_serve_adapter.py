@@ -1,0 +1,126 @@
+"""``%%parallax serve`` with ``adapter: PATH``, through the notebook session: a LoRA adapter trained and saved
+by Echo (two co-located GRPO steps on the tiny model) is merged into the layers the kernel serves, and the
+served greedy tokens and log-probs equal peft's own model loaded from the same folder (and differ from the
+base). A missing folder, a broken file or an adapter for another model is refused with one line, before the
+running serve is touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from IPython.core.error import UsageError
+
+from gradient_nb.notebook.magics import parse_serve_config
+from gradient_nb.notebook.session import BadServeConfig, NotebookSession
+from gradient_nb.rl.trainer import EchoConfig, EchoRun
+from gradient_nb.serve.sampling import SamplingParams
+from gradient_nb.testing.tinymodel import tiny_char_model
+
+PROMPT = "Say 4 letters in <answer> tags: "
+TOKENS = 12
+
+
+def _peft_greedy(model_dir: Path, adapter: Path | None, ids: list[int]) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their log-probs from plain transformers (+ peft's own loading of the adapter)."""
+    from peft import PeftModel
+
+    from gradient_nb.models.loader import load_full_model
+
+    model = load_full_model(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    seq, toks, lps = list(ids), [], []
+    with torch.no_grad():
+        for _ in range(TOKENS):
+            lp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0, -1].float(), -1)
+            t = int(lp.argmax())
+            toks.append(t)
+            lps.append(float(lp[t]))
+            seq.append(t)
+    return toks, lps
+
+
+async def _served(s: NotebookSession, ids: list[int]) -> tuple[list[int], list[float]]:
+    engine = await s.wait_route(wait=120)
+    params = SamplingParams(temperature=0.0, max_tokens=TOKENS)
+    eos, engine.eos_ids = engine.eos_ids, set()  # the whole TOKENS, as the reference loop does
+    try:
+        steps = [st async for st in engine.generate_steps(ids, params)]
+    finally:
+        engine.eos_ids = eos
+    return [st.token for st in steps], [st.logprob for st in steps]
+
+
+def test_the_adapter_key_is_parsed() -> None:
+    assert parse_serve_config("adapter: ~/my-adapter\nlayers: 0:4")["adapter"] == "~/my-adapter"
+    with pytest.raises(UsageError, match="has no value"):
+        parse_serve_config("adapter:")
+
+
+async def test_serve_a_trained_adapter(tmp_path: Path) -> None:
+    tiny = tiny_char_model(tmp_path / "tiny")
+    saved = tmp_path / "adapter"
+    cfg = EchoConfig(task="format", mode="colocated", model=str(tiny), steps=2, num_generations=4, max_tokens=8,
+                     learning_rate=0.05, lr_scheduler_type="constant", lora_rank=4, save=str(saved))
+    state = await EchoRun(cfg).run()
+    assert state.status == "done" and (saved / "adapter_model.safetensors").is_file()
+    other = tiny_char_model(tmp_path / "wider", hidden=96)  # same layer names, other shapes
+    other_saved = tmp_path / "other-adapter"
+    await EchoRun(EchoConfig(**{**cfg.__dict__, "model": str(other), "steps": 1, "save": str(other_saved)})).run()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((saved / "adapter_config.json").read_text())
+    (broken / "adapter_model.safetensors").write_bytes((saved / "adapter_model.safetensors").read_bytes()[:100])
+
+    from gradient_nb.models.loader import load_tokenizer
+
+    ids = load_tokenizer(tiny)(PROMPT)["input_ids"]
+    s = NotebookSession()
+    s.start_join(None, ephemeral=True, name="notebook", heartbeat=0.5, peer_timeout=3.0)
+    try:
+        await s.wait_mesh()
+        s.start_serve({"model": str(tiny), "layers": (0, 4)})
+        await s._serve_task
+        base = await _served(s, ids)
+        server = s.server
+
+        # Refused in the cell (quick check), one line each, the running serve untouched.
+        for path, said in [(tmp_path / "nowhere", "is not a LoRA adapter folder"),
+                           (broken, "not a valid safetensors file")]:
+            with pytest.raises(BadServeConfig, match=said) as err:
+                s.start_serve({"model": str(tiny), "layers": (0, 4), "adapter": str(path)})
+            assert "\n" not in str(err.value)
+        with pytest.raises(BadServeConfig, match="merges into float weights"):
+            s.start_serve({"model": str(tiny), "adapter": str(saved), "quantization": "int8"})
+        # An adapter for another model: found out in the background check, before anything runs changes.
+        s.start_serve({"model": str(tiny), "layers": (0, 4), "adapter": str(other_saved)})
+        with pytest.raises(BadServeConfig, match="another model") as err:
+            await s._serve_task
+        assert "\n" not in str(err.value) and "96" in str(err.value), err.value
+        assert s.server is server and server.runtime is not None
+        assert await _served(s, ids) == base
+
+        # The trained adapter: merged into the kernel's layers; the same tokens and log-probs as peft.
+        s.start_serve({"model": str(tiny), "layers": (0, 4), "adapter": str(saved)})
+        await s._serve_task
+        toks, lps = await _served(s, ids)
+        want_toks, want_lps = _peft_greedy(tiny, saved, ids)
+        base_toks, base_lps = _peft_greedy(tiny, None, ids)
+        assert base_toks == base[0] and base_lps == pytest.approx(base[1], abs=1e-4)  # the base serve was the base
+        assert toks == want_toks
+        assert max(abs(a - b) for a, b in zip(lps, want_lps, strict=True)) < 1e-4, (lps, want_lps)
+        assert toks != base_toks or max(abs(a - b) for a, b in zip(lps, base_lps, strict=True)) > 1e-2
+        echo = s.mesh.state.peers()[s.mesh.id]["echo"]
+        assert echo["adapter_id"] and echo["tag"] == ["adapter", 0], echo
+
+        # Back to the base weights: the adapter is withdrawn from this peer's record, answers are the base's.
+        s.start_serve({"model": str(tiny), "layers": (0, 4)})
+        await s._serve_task
+        assert await _served(s, ids) == base
+        assert s.mesh.state.peers()[s.mesh.id].get("echo") is None
+    finally:
+        await s.leave()

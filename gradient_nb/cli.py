@@ -351,7 +351,8 @@ async def _cmd_echo_train(args: argparse.Namespace) -> int:
     from .rl.trainer import EchoConfig
 
     cfg = EchoConfig.from_yaml(Path(args.config).read_text())
-    state = await train_headless(cfg, peers=args.peers, emit=_emit)
+    state = await train_headless(cfg, peers=args.peers, emit=_emit, rendezvous=args.rendezvous,
+                                 mesh_name=args.mesh, secret=args.secret)
     return 0 if state.status == "done" else 1
 
 
@@ -426,7 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     esub = p.add_subparsers(dest="echo_command", required=True)
     e = esub.add_parser("train", help="train as CONFIG.yaml says (the keys of %%%%echo train), print metrics")
     e.add_argument("config", help="YAML file: task, mode, steps, num_generations, learning_rate, ...")
-    e.add_argument("--peers", type=int, default=2, help="sampler processes for sequential/async (default 2)")
+    e.add_argument("--peers", type=int, default=2, help="sampler processes for sequential/async (default 2); "
+                   "with --rendezvous: how many serving peers of the mesh to wait for")
+    e.add_argument("--rendezvous", default=None, help="train with the serving peers of this mesh (volunteers' "
+                   "'gradient-nb peer --serve') instead of starting sampler processes")
+    e.add_argument("--mesh", default="default", help="mesh name, with --rendezvous (default: %(default)s)")
+    e.add_argument("--secret", default=None, help="join secret of the mesh, with --rendezvous")
     e.set_defaults(func=_cmd_echo_train)
 
     p = sub.add_parser("chat", help="chat with a served model through its OpenAI-compatible API")

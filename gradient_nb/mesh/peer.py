@@ -48,6 +48,7 @@ from .rendezvous import YChannel, hello_signature_payload, secret_mac
 from .rpc import CallContext, RpcEndpoint, Services
 from .signaling import EnvelopeOpener, SignalRelay, seal
 from .state import MeshState
+from .tasks import cancel_and_wait
 from .transport import LinkClosed, Transport
 
 log = logging.getLogger(__name__)
@@ -227,24 +228,39 @@ class Mesh:
         # Their records carry the addresses a direct link dials: wait (briefly) for the first sync.
         with contextlib.suppress(MeshError):
             await self.wait_synced(5.0)
-        results = await asyncio.gather(*(self._link_to(p, JOIN_LINK_TIMEOUT) for p in others),
-                                       return_exceptions=True)
-        if any(not isinstance(r, BaseException) for r in results):
+        # One link is enough: the join does not wait out the attempts to peers it cannot reach (they go
+        # on in the background, as eager links do).
+        results = await self._link_any(others, JOIN_LINK_TIMEOUT)
+        if None in results.values():
             return
         # An attempt still running between peers on one network is slow (a busy machine), not doomed:
         # let it use the rest of its connect time before the join gives up.
         slow = [p for p in others if p in self._connecting and p not in self.link_errors and self._near(p)]
         if slow:
-            retried = dict(zip(slow, await asyncio.gather(
-                *(self._link_to(p, CONNECT_TIMEOUT) for p in slow), return_exceptions=True), strict=True))
-            if any(not isinstance(r, BaseException) for r in retried.values()):
+            retried = await self._link_any(slow, CONNECT_TIMEOUT)
+            if None in retried.values():
                 return
-            results = [retried.get(p, r) for p, r in zip(others, results, strict=True)]
+            results.update(retried)
         names = {pid: rec.get("name", "") for pid, rec in self.state.peers().items()}
-        reasons = "; ".join(f"{names.get(p) or 'peer'} ({p[:8]}): {self._why_unlinked(p, r)}"
-                            for p, r in zip(others, results, strict=True))
+        reasons = "; ".join(f"{names.get(p) or 'peer'} ({p[:8]}): {self._why_unlinked(p, results[p])}"
+                            for p in others)
         raise JoinRefused(f"joined the rendezvous but could not link to any peer of mesh {self.mesh_name!r}: "
                           f"{reasons}")
+
+    async def _link_any(self, peers: list[str], timeout: float) -> dict[str, BaseException | None]:
+        """Until a link to one of ``peers`` is up or every attempt failed: each peer's outcome (None:
+        linked). Only the waits end early; the attempts themselves go on as the mesh's own tasks."""
+        waits = {asyncio.ensure_future(self._link_to(p, timeout)): p for p in peers}
+        out: dict[str, BaseException | None] = {}
+        try:
+            pending = set(waits)
+            while pending and None not in out.values():
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                out.update((waits[t], t.exception()) for t in done)
+        finally:
+            for t in waits:
+                await cancel_and_wait(t)
+        return out
 
     def _near(self, peer_id: str) -> bool:
         """Whether a link attempt to ``peer_id`` is between peers on one network (or has no answer yet, so

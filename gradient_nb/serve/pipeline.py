@@ -170,6 +170,7 @@ class MeshEngine:
         self.forwarding = True  # stage to stage (N + 1 messages a step); False: the star (2N)
         self.micro_batches: int | None = None  # pipelining; None: micro_batches_for decides
         self._star_until: dict[tuple, float] = {}  # chains whose stages could not link: star until then
+        self.unlinked: dict[tuple, str] = {}  # those chains (peer, start, end per stage): why, as the stage said
         self.step_calls = {"chain": 0, "star": 0}  # batches sent each way
         # Per stage (peer, start, end): its compute per decode step, ms (moving average), as it reports it.
         self.stage_compute_ms: dict[tuple[str, int, int], float] = {}
@@ -336,6 +337,7 @@ class MeshEngine:
             log.warning("chain %s cannot forward (%s): serving it as a star", [s.peer_id[:8] for s in chain],
                         exc.remote_message)
             self._star_until[_chain_key(chain)] = time.monotonic() + STAR_FALLBACK_S
+            self.unlinked[_chain_key(chain)] = exc.remote_message
             raise ChainUnlinked(f"the chain's stages cannot link to each other: {exc.remote_message}")
         if isinstance(exc, RemoteError) and exc.code == "NextStageFailed":
             named = [s.peer_id for s in chain[1:] if s.peer_id in exc.remote_message]

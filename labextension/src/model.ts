@@ -23,9 +23,14 @@ export interface IPeer {
   user: string | null;
 }
 
+/** How a link carries its frames (gradient_nb/mesh: ``LinkStats.kind``). */
+export type LinkKind = 'direct-tcp' | 'webrtc-direct' | 'webrtc-relay' | string;
+
 export interface ILink {
   a: string;
   b: string;
+  kind: LinkKind;
+  /** The ICE candidate type of the far end (host, srflx, prflx, relay); host for a direct-tcp link. */
   type: string;
   relayed: boolean;
   rtt_ms: number | null;
@@ -113,12 +118,15 @@ function parseLink(raw: unknown): ILink | null {
     return null;
   }
   const type = str(raw.type, '?');
+  // A TURN-relayed pair is relayed whatever the flag says.
+  const relayed = raw.relayed === true || type === 'relay' || raw.kind === 'webrtc-relay';
   return {
     a: raw.a,
     b: raw.b,
+    // A kernel from before direct TCP links sends no kind: every link it had was WebRTC.
+    kind: typeof raw.kind === 'string' && raw.kind !== '' ? raw.kind : relayed ? 'webrtc-relay' : 'webrtc-direct',
     type,
-    // A TURN-relayed pair is relayed whatever the flag says.
-    relayed: raw.relayed === true || type === 'relay',
+    relayed,
     rtt_ms: num(raw.rtt_ms),
     bytes_sent: num(raw.bytes_sent) ?? 0,
     bytes_received: num(raw.bytes_received) ?? 0
@@ -223,10 +231,12 @@ export interface IPeerRow {
 export interface ILinkRow {
   key: string;
   relayed: boolean;
+  kind: LinkKind;
   cells: {
     peers: string;
+    /** direct-tcp, webrtc-direct or webrtc-relay: the transport and whether a TURN server relays it. */
+    kind: string;
     type: string;
-    path: string;
     rtt: string;
   };
   title: string;
@@ -267,6 +277,12 @@ export function linkKey(a: string, b: string): string {
   return a < b ? `${a}|${b}` : `${b}|${a}`;
 }
 
+const KIND_TITLES: Record<string, string> = {
+  'direct-tcp': 'direct TCP + TLS 1.3 link (a peer dialed the other’s address)',
+  'webrtc-direct': 'WebRTC link, peer to peer (ICE found a direct path)',
+  'webrtc-relay': 'WebRTC link relayed by a TURN server (no direct path between the NATs)'
+};
+
 export function linkRows(snapshot: MeshSnapshot): ILinkRow[] {
   if (!snapshot.joined) {
     return [];
@@ -282,13 +298,16 @@ export function linkRows(snapshot: MeshSnapshot): ILinkRow[] {
     rows.set(key, {
       key,
       relayed: l.relayed,
+      kind: l.kind,
       cells: {
         peers: `${label(l.a)} ↔ ${label(l.b)}`,
+        kind: l.kind,
         type: l.type,
-        path: l.relayed ? 'relayed' : 'direct',
         rtt: formatRtt(l.rtt_ms)
       },
-      title: `sent ${formatBytes(l.bytes_sent)}, received ${formatBytes(l.bytes_received)}`
+      title:
+        `${KIND_TITLES[l.kind] ?? l.kind}\n` +
+        `sent ${formatBytes(l.bytes_sent)}, received ${formatBytes(l.bytes_received)}`
     });
   }
   return [...rows.values()].sort((x, y) => x.cells.peers.localeCompare(y.cells.peers));

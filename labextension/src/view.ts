@@ -30,8 +30,8 @@ const PEER_COLUMNS: [keyof IPeerRow['cells'], string][] = [
 
 const LINK_COLUMNS: [keyof ILinkRow['cells'], string][] = [
   ['peers', 'Link'],
+  ['kind', 'Kind'],
   ['type', 'Type'],
-  ['path', 'Path'],
   ['rtt', 'RTT']
 ];
 
@@ -136,6 +136,7 @@ export class MeshView {
     });
     this._links = new KeyedTable<ILinkRow>(doc, 'gnb-MeshView-links', LINK_COLUMNS, (tr, row) => {
       tr.dataset.linkKey = row.key;
+      tr.dataset.kind = row.kind;
       tr.classList.toggle('gnb-mod-relayed', row.relayed);
       tr.classList.toggle('gnb-mod-direct', !row.relayed);
     });

@@ -15,7 +15,17 @@ export function peer(id: string, name: string, extra: Record<string, unknown> = 
 }
 
 export function link(a: string, b: string, extra: Record<string, unknown> = {}) {
-  return { a, b, type: 'host', relayed: false, rtt_ms: 0.42, bytes_sent: 2048, bytes_received: 1024, ...extra };
+  return {
+    a,
+    b,
+    kind: 'webrtc-direct',
+    type: 'host',
+    relayed: false,
+    rtt_ms: 0.42,
+    bytes_sent: 2048,
+    bytes_received: 1024,
+    ...extra
+  };
 }
 
 export function snapshot(peers: unknown[], links: unknown[] = []) {
@@ -36,6 +46,6 @@ export const C = 'cccccccccccc3333';
 export function threePeers() {
   return snapshot(
     [peer(B, 'bob'), peer(A, 'alice'), peer(C, 'carol', { services: [], layers: null })],
-    [link(A, B), link(A, C, { type: 'relay', relayed: true, rtt_ms: 31.5 })]
+    [link(A, B), link(A, C, { kind: 'webrtc-relay', type: 'relay', relayed: true, rtt_ms: 31.5 })]
   );
 }

@@ -22,7 +22,7 @@ describe('parseSnapshot', () => {
     if (!s.joined) throw new Error('joined');
     expect(s.peers.map(p => p.id)).toEqual([B, A, C]);
     expect(s.peers[2].layers).toBeNull();
-    expect(s.links[1]).toMatchObject({ type: 'relay', relayed: true, rtt_ms: 31.5 });
+    expect(s.links[1]).toMatchObject({ kind: 'webrtc-relay', type: 'relay', relayed: true, rtt_ms: 31.5 });
   });
 
   it('treats anything but joined: true as not joined, keeping an error', () => {
@@ -51,6 +51,25 @@ describe('parseSnapshot', () => {
     const s = parseSnapshot(snapshot([], [link(A, B, { type: 'relay', relayed: false })]));
     if (!s.joined) throw new Error('joined');
     expect(s.links[0].relayed).toBe(true);
+  });
+
+  it('reads each link’s kind; a kernel that sends none only had WebRTC links', () => {
+    const s = parseSnapshot(
+      snapshot(
+        [],
+        [
+          link(A, B, { kind: 'direct-tcp' }),
+          link(A, C, { kind: undefined }),
+          link(B, C, { kind: undefined, type: 'relay', relayed: true })
+        ]
+      )
+    );
+    if (!s.joined) throw new Error('joined');
+    expect(s.links.map(l => [l.kind, l.relayed])).toEqual([
+      ['direct-tcp', false],
+      ['webrtc-direct', false],
+      ['webrtc-relay', true]
+    ]);
   });
 });
 
@@ -93,14 +112,19 @@ describe('rows', () => {
     expect(rows[1].title).toContain(B);
   });
 
-  it('shows links once per pair with direct vs relayed and RTT', () => {
+  it('shows links once per pair with their kind and RTT', () => {
     const s = parseSnapshot(snapshot([peer(A, 'alice'), peer(B, 'bob')], [link(A, B), link(B, A, { rtt_ms: 9 })]));
     const rows = linkRows(s);
     expect(rows).toHaveLength(1);
-    expect(rows[0].cells).toEqual({ peers: 'alice ↔ bob', type: 'host', path: 'direct', rtt: '0.42 ms' });
+    expect(rows[0].cells).toEqual({ peers: 'alice ↔ bob', kind: 'webrtc-direct', type: 'host', rtt: '0.42 ms' });
+    expect(rows[0].title).toContain('peer to peer');
     const relayed = linkRows(parseSnapshot(threePeers())).find(r => r.key === linkKey(A, C))!;
-    expect(relayed.cells.path).toBe('relayed');
+    expect(relayed.cells.kind).toBe('webrtc-relay');
     expect(relayed.relayed).toBe(true);
+    expect(relayed.title).toContain('TURN server');
+    const tcp = linkRows(parseSnapshot(snapshot([], [link(A, B, { kind: 'direct-tcp' })])))[0];
+    expect([tcp.kind, tcp.cells.kind, tcp.relayed]).toEqual(['direct-tcp', 'direct-tcp', false]);
+    expect(tcp.title).toContain('TCP + TLS 1.3');
     // an end the snapshot has no peer for is shown by its short id
     expect(linkRows(parseSnapshot(snapshot([], [link(A, B)])))[0].cells.peers).toBe('aaaaaaaa ↔ bbbbbbbb');
   });

@@ -3,7 +3,7 @@ import { describe, expect, it } from 'vitest';
 
 import { NO_KERNEL_MESSAGE, NOT_JOINED_MESSAGE, parseSnapshot } from '../src/model';
 import { MeshView } from '../src/view';
-import { A, B, C, threePeers } from './fixtures';
+import { A, B, C, link, threePeers } from './fixtures';
 
 function view() {
   const root = document.createElement('div');
@@ -47,16 +47,28 @@ describe('MeshView', () => {
     expect(root.querySelectorAll('tr[data-link-key]')).toHaveLength(1);
   });
 
-  it('shows links direct vs relayed with RTT', () => {
+  it('shows each link’s kind (direct-tcp, webrtc-direct, webrtc-relay) with RTT', () => {
     const { root, v } = view();
-    v.render('connected', parseSnapshot(threePeers()));
+    const s = threePeers();
+    s.links.push(link(B, C, { kind: 'direct-tcp', rtt_ms: 0.08 }));
+    v.render('connected', parseSnapshot(s));
     const rows = [...root.querySelectorAll<HTMLTableRowElement>('tr[data-link-key]')];
     expect(rows.map(r => [...r.cells].map(c => c.textContent))).toEqual([
-      ['alice ↔ bob', 'host', 'direct', '0.42 ms'],
-      ['alice ↔ carol', 'relay', 'relayed', '31.5 ms']
+      ['alice ↔ bob', 'webrtc-direct', 'host', '0.42 ms'],
+      ['alice ↔ carol', 'webrtc-relay', 'relay', '31.5 ms'],
+      ['bob ↔ carol', 'direct-tcp', 'host', '0.08 ms']
     ]);
-    expect(rows[1].classList.contains('gnb-mod-relayed')).toBe(true);
+    expect(rows.map(r => r.dataset.kind)).toEqual(['webrtc-direct', 'webrtc-relay', 'direct-tcp']);
+    expect(rows.map(r => r.classList.contains('gnb-mod-relayed'))).toEqual([false, true, false]);
     expect(rows[0].classList.contains('gnb-mod-direct')).toBe(true);
+    expect(root.querySelector('.gnb-MeshView-links th[data-column="kind"]')?.textContent).toBe('Kind');
+    // A link that turns relayed (the NAT mapping changed, ICE restarted over TURN) updates in place.
+    s.links[0] = link(A, B, { kind: 'webrtc-relay', type: 'relay', relayed: true });
+    v.render('connected', parseSnapshot(s));
+    const again = [...root.querySelectorAll<HTMLTableRowElement>('tr[data-link-key]')];
+    expect(again[0]).toBe(rows[0]);
+    expect([again[0].cells[1].textContent, again[0].dataset.kind]).toEqual(['webrtc-relay', 'webrtc-relay']);
+    expect(again[0].classList.contains('gnb-mod-relayed')).toBe(true);
   });
 
   it('reorders rows when names change and clears them on leave', () => {

@@ -43,7 +43,7 @@ async def train_headless(cfg: EchoConfig, *, peers: int = 2, emit: Callable[[dic
         if emit is not None:
             emit({"event": "step", **{k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()}})
 
-    if cfg.mode == "colocated":
+    if cfg.mode == "colocated" or cfg.rank > 0:  # a data-parallel rank > 0 trains on rank 0's batches
         if pin:
             placement = _pin([])
             if emit is not None:

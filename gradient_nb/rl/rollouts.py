@@ -43,6 +43,7 @@ class Rollout:
     reward: float = 0.0
     text: str = ""
     sampler: str = ""  # who produced it: "local" or the peer ids of the chain
+    seed: int | None = None  # its sampling seed (unique to it): how an audit finds its stages' commitments
 
 
 @dataclass
@@ -224,7 +225,8 @@ class MeshSampler:
         chain = ",".join(sorted(p[:8] for p in self.guard.peers))
         groups = []
         for j, (p, ids) in enumerate(zip(prompts, all_ids, strict=True)):
-            rs = [Rollout(version, p, ids, t, lp, sampler=chain) for t, lp in outs[j * self.n:(j + 1) * self.n]]
+            rs = [Rollout(version, p, ids, t, lp, sampler=chain, seed=sd)
+                  for (t, lp), sd in zip(outs[j * self.n:(j + 1) * self.n], seeds[j], strict=True)]
             groups.append(_finish(tok, self.task, rs))
         return groups
 

@@ -85,6 +85,16 @@ class EchoConfig:
     # the trainer dies, its samplers go back to their base weights this long after its last sync.
     sampler_lease_s: float = 60.0
     rollout_deadline_s: float = 120.0
+    # Untrusted samplers (audit.py): the share of rollouts re-computed against their commitments; a sampler
+    # that fails one has all its rollouts dropped and is excluded. 0 trusts every sampler.
+    audit_fraction: float = 0.05
+    # Data-parallel trainers (distributed.py): this trainer is rank `rank` of `world_size`, joined through
+    # `init_method` (tcp://RANK0-HOST:PORT, or env:// under torchrun); rank 0 samples and publishes.
+    world_size: int = 1
+    rank: int = 0
+    init_method: str | None = None
+    dist_backend: str = "auto"  # gloo on CPU, nccl where the policy is on CUDA
+    dist_timeout_s: float = 60.0  # a collective that waits longer fails loudly (TrainerLost)
     save: str | None = None  # where to save the final adapter
 
     def __post_init__(self) -> None:
@@ -92,6 +102,10 @@ class EchoConfig:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.max_staleness < 0 or self.steps < 1 or self.prompts_per_step < 1:
             raise ValueError("steps and prompts_per_step must be >= 1, max_staleness >= 0")
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            raise ValueError(f"audit_fraction must be within [0, 1], not {self.audit_fraction}")
+        if not 0 <= self.rank < self.world_size or self.prompts_per_step < self.world_size:
+            raise ValueError("need 0 <= rank < world_size <= prompts_per_step (every trainer gets whole groups)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EchoConfig:
@@ -182,7 +196,7 @@ class Trainer:
     def loss(self, groups: list[Group]) -> tuple[Any, dict[str, float]]:
         rs = [r for g in groups for r in g.rollouts]
         rewards = torch.tensor([r.reward for r in rs], dtype=torch.float32)
-        adv = advantages(rewards, self.cfg.num_generations, self.grpo.scale_rewards)
+        adv = self.advantages(rewards)
         width = max(len(r.completion_ids) for r in rs)
         stale_old = self._old_logprobs(groups, torch.zeros(len(rs), width))  # before the graph (see there)
         self.policy.model.train()
@@ -207,11 +221,19 @@ class Trainer:
                  "completion_tokens": n}
         return parts.loss, stats
 
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        return advantages(rewards, self.cfg.num_generations, self.grpo.scale_rewards)
+
+    def reduce_gradients(self) -> None:
+        """After backward, before clipping: where data-parallel trainers all-reduce (``distributed.py``)."""
+        return None
+
     def gradients(self, groups: list[Group]) -> dict[str, torch.Tensor]:
         """The LoRA gradients one step on ``groups`` would apply (nothing changes)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, _ = self.loss(groups)
         loss.backward()
+        self.reduce_gradients()
         out = {n: p.grad.detach().clone() for n, p in self.policy.model.named_parameters() if p.grad is not None}
         self.optimizer.zero_grad(set_to_none=True)
         return out
@@ -222,6 +244,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss, stats = self.loss(groups)
             loss.backward()
+            self.reduce_gradients()
             if self.cfg.max_grad_norm > 0:
                 stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.policy.trainable(), self.cfg.max_grad_norm))
             self.optimizer.step()
@@ -241,6 +264,10 @@ class RunState:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     dropped_stale: int = 0
     dropped_mixed: int = 0
+    audited: int = 0  # rollouts re-computed against their commitments (audit.py)
+    audit_failed: int = 0  # audited rollouts that failed
+    dropped_untrusted: int = 0  # rollouts dropped because a sampler of theirs failed an audit
+    excluded_samplers: dict[str, str] = field(default_factory=dict)  # peer id -> why
     sync_failures: list[str] = field(default_factory=list)
     status: str = "starting"
     error: str | None = None
@@ -262,8 +289,11 @@ class EchoRun:
 
     def __init__(self, cfg: EchoConfig, trainer: Trainer | None = None, *, mesh: Any = None, engine: Any = None,
                  on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
+        from .distributed import make_trainer
+
         self.cfg = cfg
-        self.trainer = trainer or Trainer(cfg)
+        self.trainer = trainer or make_trainer(cfg)
+        self.follower = cfg.world_size > 1 and cfg.rank != 0  # trains on rank 0's batches: no sampling here
         self.task = get_task(cfg.task)
         self.mesh, self.engine = mesh, engine
         self.on_step = on_step
@@ -272,7 +302,8 @@ class EchoRun:
         self._stop = asyncio.Event()
         self.publisher = None
         self.sampler: MeshSampler | None = None
-        if cfg.mode != "colocated":
+        self.auditor = None
+        if cfg.mode != "colocated" and not self.follower:
             if mesh is None or engine is None:
                 raise ValueError(f"mode {cfg.mode!r} samples on the mesh: pass mesh= and engine=")
             from .rollouts import new_run_id
@@ -282,6 +313,12 @@ class EchoRun:
             self.publisher = Publisher(mesh, self.run_id, keep=cfg.max_staleness + 2)
             self.sampler = MeshSampler(engine, self.task, num_generations=cfg.num_generations,
                                        max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+            if cfg.audit_fraction > 0:
+                from .audit import RolloutAuditor
+
+                self.auditor = RolloutAuditor(mesh, engine.path, engine.info.content_hash, engine.info.num_layers,
+                                              fraction=cfg.audit_fraction)
+                engine.observers.append(self.auditor)
         self._announced = None
         self._sync_lock = asyncio.Lock()
         self._batch_seed = 0
@@ -311,7 +348,8 @@ class EchoRun:
             peers = peers[:want]
         elif isinstance(want, list):
             peers = [p for p in peers if p.name in want or p.id in want]
-        return [p.id for p in peers]
+        excluded = self.auditor.excluded if self.auditor is not None else {}
+        return [p.id for p in peers if p.id not in excluded]
 
     async def _publish_and_sync(self) -> tuple[int, float, int]:
         """Publish the current version (once) and sync every sampler to it; returns (version, ms, bytes).
@@ -323,6 +361,8 @@ class EchoRun:
             if self._announced is None or self._announced.version != self.trainer.policy.version:
                 v, config, blob = await asyncio.to_thread(self.trainer.snapshot)
                 self._announced = self.publisher.publish(v, config, blob)
+                if self.auditor is not None:
+                    self.auditor.remember(v, config, blob, keep=self.cfg.max_staleness + 2)
             v = self._announced.version
             a = self._announced
             peers = self._samplers()
@@ -356,6 +396,7 @@ class EchoRun:
             return v, ms, nbytes
 
     async def _mesh_batch(self) -> tuple[list[Group], dict[str, float]]:
+        audit = {"audited": 0, "dropped_untrusted": 0} if self.auditor is not None else {}
         while True:
             v, ms, nbytes = await self._publish_and_sync()
             self._batch_seed += 1
@@ -366,20 +407,32 @@ class EchoRun:
                 self.state.dropped_mixed += 1
                 log.warning("dropped a rollout batch: %s", exc)
                 continue
+            if self.auditor is not None:
+                groups, report = await self.auditor.audit(groups)
+                self.state.audited += report.audited
+                self.state.audit_failed += report.failed
+                self.state.dropped_untrusted += report.dropped
+                self.state.excluded_samplers = dict(self.auditor.excluded)
+                audit["audited"] += report.audited
+                audit["dropped_untrusted"] += report.dropped
+                if not groups:
+                    continue  # every group held a failed sampler's rollout: sample again without it
             n = sum(len(g.rollouts) for g in groups)
             return groups, {"sync_ms": ms, "sync_bytes": nbytes, "sample_s": time.perf_counter() - t0,
-                            "samples": n}
+                            "samples": n, **audit}
 
     # -- the modes -----------------------------------------------------------------------------------
     async def run(self) -> RunState:
         self.state.status = "running"
         try:
-            if self.cfg.mode == "async":
+            if self.follower:
+                await asyncio.to_thread(self.trainer.follow)
+            elif self.cfg.mode == "async":
                 await self._run_async()
             else:
                 await self._run_in_turn()
             self.state.status = "stopped" if self._stop.is_set() else "done"
-            if self.cfg.save:
+            if self.cfg.save and not self.follower:
                 self.trainer.policy.save(self.cfg.save)
         except asyncio.CancelledError:
             self.state.status = "cancelled"
@@ -397,6 +450,12 @@ class EchoRun:
             self.publisher.close()
         if self.sampler is not None:
             self.sampler.detach()
+        if self.auditor is not None:
+            with contextlib.suppress(ValueError):
+                self.engine.observers.remove(self.auditor)
+        close = getattr(self.trainer, "close", None)  # a data-parallel rank 0 tells the others to stop
+        if close is not None:
+            close()
 
     async def _run_in_turn(self) -> None:
         local = None

@@ -16,10 +16,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 class Swarm:
     """An in-process mesh: a rendezvous, ``n`` serving peers (each a full replica of the tiny model, each
-    an RL sampler) and a trainer peer with a ``MeshEngine`` over them."""
+    an RL sampler committing to its outputs, as volunteers' peers do) and a trainer peer with a ``MeshEngine``
+    over them. ``setup(i, server)`` runs on each serving peer before its observers are attached (a test
+    makes one a cheat there)."""
 
-    def __init__(self, path: Path, n: int, lease_s: float) -> None:
-        self.path, self.n, self.lease_s = path, n, lease_s
+    def __init__(self, path: Path, n: int, lease_s: float, setup=None) -> None:
+        self.path, self.n, self.lease_s, self.setup = path, n, lease_s, setup
         self.samplers: list = []
 
     async def __aenter__(self) -> Swarm:
@@ -30,12 +32,16 @@ class Swarm:
         from gradient_nb.serve.cluster import wait_ready
         from gradient_nb.serve.node import ServingPeer
         from gradient_nb.serve.pipeline import MeshEngine
+        from gradient_nb.verify import attach_commitments
 
         self.rv = await Rendezvous().start()
         for i in range(self.n):
             mesh = await join(self.rv.url, name=f"sampler-{i}", identity=Identity.generate(), probe_seconds=0.05,
                               heartbeat=0.5, peer_timeout=3.0)
             server = ServingPeer(mesh, str(self.path), layers=(0, 4))
+            if self.setup is not None:
+                self.setup(i, server)
+            attach_commitments(server)
             service = attach_sampler(server, lease_s=self.lease_s)
             await server.start()
             self.samplers.append((mesh, server, service))

@@ -19,6 +19,7 @@ or shutting the kernel down) stops it and hands its layers over.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -86,12 +87,14 @@ async def volunteer(url: str, *, mesh: str = "default", name: str | None = None,
     joined = session.mesh or await autojoin.join(url, name, mesh=mesh, secret=secret, stun=stun, turn=turn,
                                                 turn_username=turn_username, turn_password=turn_password)
     from ..serve.node import ServingPeer
+    from ..serve.weights_sync import progress_printer
     from ..verify import attach_commitments
 
-    # Off the loop: resolving the model de-quantises a GGUF once (seconds), and the kernel must stay live.
-    server = await asyncio.to_thread(
-        lambda: ServingPeer(joined, model, dtype=dtype, quantization=quant, layers=layers,
-                            memory_cap_bytes=memory_cap_bytes, device=device))
+    # Built off the loop (resolving the model de-quantises a GGUF once); without the model on this machine,
+    # its weights come from the peers that serve it, the assigned layers only (serve/weights_sync.py).
+    server = await ServingPeer.open(joined, model, dtype=dtype, quantization=quant, layers=layers,
+                                    memory_cap_bytes=memory_cap_bytes, device=device,
+                                    on_weights_progress=None if quiet else progress_printer(sys.stdout))
     attach_commitments(server)  # a volunteer's outputs are verifiable
     await server.start()
     session.server = server  # %mesh leave and the kernel's exit stop it

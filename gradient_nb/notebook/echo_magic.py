@@ -6,7 +6,9 @@ this kernel alone; ``sequential`` and ``async`` sample on the mesh this kernel j
 peers of the model (every ``gradient-nb peer --serve`` is a sampler), with a rollout engine of their own so
 the notebook's other requests are untouched. The run is a task on the kernel's event loop (training
 steps run in a worker thread), so other cells keep running; a live plotly widget shows reward mean/std,
-KL, entropy, staleness, sampler/trainer log-prob mismatch, sync time and samples/s.
+KL, entropy, staleness, sampler/trainer log-prob mismatch, sync time and samples/s. A mesh run first waits
+until its samplers serve the model (``%mesh spawn`` peers may still be loading it); ``await finished()``
+in a cell waits for the run to end.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ PLOTS = [("reward_mean", "reward (mean ± std)"), ("kl", "KL to the reference"),
          ("sync_ms", "sync (ms)"), ("samples_per_s", "samples/s")]
 
 _RUN: dict[str, Any] = {}
+SAMPLERS_TIMEOUT = 300.0  # s: for the samplers to serve the model (a first load of the bundled one takes ~20 s)
 
 
 class EchoWidget:
@@ -67,14 +70,17 @@ async def _train(cfg: EchoConfig, widget: EchoWidget | None) -> None:
     engine = None
     try:
         if cfg.mode != "colocated":
-            mesh = session.mesh
-            if mesh is None or session.engine is None:
-                raise RuntimeError(f"mode {cfg.mode!r} samples on the mesh: join it and serve the model "
-                                   "(%%parallax serve) first, or use mode: colocated")
+            mesh = await session.wait_mesh()
+            from ..serve.cluster import wait_ready
             from ..serve.pipeline import MeshEngine
 
-            cfg.model = cfg.model or str(session.engine.path)
+            if cfg.model is None and session.engine is not None:
+                cfg.model = str(session.engine.path)  # the model this kernel serves
             engine = await asyncio.to_thread(MeshEngine, mesh, cfg.model)
+            # Until the samplers asked for (at least one) serve the model: spawned peers may still be loading.
+            want = cfg.samplers if isinstance(cfg.samplers, int) and not isinstance(cfg.samplers, bool) else \
+                len(cfg.samplers) if isinstance(cfg.samplers, list) else 1
+            await wait_ready(mesh, engine, max(1, want), SAMPLERS_TIMEOUT)
             run = await asyncio.to_thread(EchoRun, cfg, mesh=mesh, engine=engine)
         else:
             run = await asyncio.to_thread(EchoRun, cfg)
@@ -85,6 +91,16 @@ async def _train(cfg: EchoConfig, widget: EchoWidget | None) -> None:
     finally:
         if engine is not None:
             await engine.aclose()
+
+
+async def finished(timeout: float = 3600.0) -> Any:
+    """Wait (in a cell: ``await finished()``) for the last ``%%echo train`` to end; returns its ``RunState``.
+    A run that failed raises its error here; interrupting the cell stops the waiting, not the run."""
+    task = _RUN.get("task")
+    if task is None:
+        raise RuntimeError("no run yet: start one with %%echo train")
+    await asyncio.wait_for(asyncio.shield(task), timeout)
+    return _RUN["run"].state
 
 
 @magics_class
@@ -115,23 +131,38 @@ class EchoMagics(Magics):
         if cmd == "train":
             if cell is None:
                 raise UsageError("%%echo train needs a YAML body (see %echo?)")
-            if run is not None and run.state.status in ("starting", "running"):
+            if (run is not None and run.state.status in ("starting", "running")) or \
+                    (_RUN.get("task") is not None and not _RUN["task"].done()):
                 raise UsageError("a run is going on: %echo stop it first")
             try:
                 cfg = EchoConfig.from_yaml(cell)
             except (ValueError, TypeError) as exc:
                 raise UsageError(str(exc)) from None
             session = current()
-            if cfg.mode != "colocated" and (session.mesh is None or session.engine is None):
-                raise UsageError(f"mode {cfg.mode!r} samples on the mesh: join it and serve the model "
-                                 "(%%parallax serve) first, or use mode: colocated")
+            if cfg.mode != "colocated" and session.mesh is None and session._join_task is None:
+                raise UsageError(f"mode {cfg.mode!r} samples on the mesh: join it (%mesh join) and start "
+                                 "samplers (%mesh spawn N --serve MODEL, or volunteers' gradient-nb peer "
+                                 "--serve), or use mode: colocated")
             widget = EchoWidget()
             display(widget.figure)
             _RUN.pop("run", None)
-            session.spawn(_train(cfg, widget), "echo-train")
+            _RUN["cfg"] = cfg
+            _RUN["task"] = session.spawn(_train(cfg, widget), "echo-train")
             return None
+        task = _RUN.get("task")
         if run is None:
-            raise UsageError("no run yet: start one with %%echo train")
+            if task is None:
+                raise UsageError("no run yet: start one with %%echo train")
+            if task.done():
+                why = "cancelled" if task.cancelled() else f"{type(task.exception()).__name__}: {task.exception()}"
+                raise UsageError(f"the run ended before its first step: {why}")
+            if cmd == "status":  # its engine is starting, or the samplers are still loading the model
+                cfg = _RUN["cfg"]
+                return {"mode": cfg.mode, "steps": cfg.steps, "status": "starting: waiting for the samplers",
+                        "done_steps": 0}
+            if cmd == "stop":
+                task.cancel()
+                return "stopped before its first step"
         if cmd == "status":
             return run.state.summary()
         if cmd == "stop":

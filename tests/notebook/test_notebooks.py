@@ -107,7 +107,28 @@ def check_verify(nb: Any) -> None:
     assert "{'joined': False}" in outputs_text(nb.cells[-1])
 
 
-CHECKS: dict[str, Callable[[Any], None]] = {"verify.ipynb": check_verify,
+def check_echo(nb: Any) -> None:
+    # Training ran on the mesh's sampler to its end, and the reward rose (the last quarter's mean beats the first's).
+    done = outputs_text(cell_with(nb, "state = await finished()"))
+    assert "done after 12 steps; sync failures: 0" in done, done
+    rewards = re.search(r"first 3 steps: ([\d.]+); last 3 steps: ([\d.]+)", outputs_text(cell_with(nb, "%echo metrics")))
+    assert rewards and float(rewards.group(2)) > float(rewards.group(1)), rewards
+    table = outputs_text(cell_with(nb, "%echo metrics"))
+    assert "shape: (12, 9)" in table and "sync_bytes" in table, table
+    # %echo status, while it ran and after.
+    running, ended = (outputs_text(c) for c in nb.cells if c.cell_type == "code" and c.source == "%echo status")
+    assert "'mode': 'sequential'" in running and "'status': 'done'" in ended and "'done_steps': 12" in ended, ended
+    # The live widget: a plotly FigureWidget (an anywidget) with a panel per metric, updated after every step
+    # (plotly sends each update as a delta, which the stored state counts but does not hold).
+    figs = [s for s in widget_states(nb).values() if "FigureWidget" in str(s.get("_anywidget_id"))]
+    assert len(figs) == 1 and [t["name"] for t in figs[0]["_widget_data"]][:2] == ["reward_mean", "kl"], figs
+    assert int(figs[0]["_last_trace_edit_id"]) >= 12, figs[0]["_last_trace_edit_id"]
+    # The trained adapter, served by the kernel alone (the sampler serves the base), answered.
+    assert "answer>" in outputs_text(cell_with(nb, "await nb.ask("))
+    assert "{'joined': False}" in outputs_text(nb.cells[-1])
+
+
+CHECKS: dict[str, Callable[[Any], None]] = {"verify.ipynb": check_verify, "echo.ipynb": check_echo,
                                             "quickstart.ipynb": check_quickstart, "mesh.ipynb": check_mesh,
                                             "parallax.ipynb": check_parallax}
 

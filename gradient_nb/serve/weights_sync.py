@@ -65,6 +65,7 @@ MAX_PROVIDERS = 16
 FAILURES_BEFORE_DROP = 3
 CALL_TIMEOUT = 60.0  # one chunk (1 MiB): generous for a TURN-relayed link at a few hundred KB/s
 PROVIDE_TTL = 600.0
+RATE_LIMITED_PAUSE = 0.5
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -360,9 +361,12 @@ async def fetch_chunks(mesh: Mesh, jobs: list[_Job], providers: list[Provider], 
                 pending.appendleft(job)
                 drop(p, str(exc))
             except (MeshError, TimeoutError) as exc:
+                pending.appendleft(job)
+                if isinstance(exc, RemoteError) and exc.code == "RateLimited":
+                    await asyncio.sleep(RATE_LIMITED_PAUSE)  # we asked too fast: not the provider's fault
+                    continue
                 if isinstance(exc, RemoteError) and exc.code == "LookupError":
                     job.tried.add(p.peer)  # it does not hold this one after all
-                pending.appendleft(job)
                 failures[p.peer] += 1
                 if failures[p.peer] >= FAILURES_BEFORE_DROP:
                     drop(p, f"{type(exc).__name__}: {exc}")

@@ -287,7 +287,10 @@ def load_full_model(path: str | os.PathLike[str], dtype: torch.dtype = torch.flo
     """The whole model by plain transformers: the one-process baseline every shard is compared to."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(path), dtype=dtype, attn_implementation="sdpa")
+    p = resolve_model(path)
+    if _manifest.is_synced(p):
+        raise FileNotFoundError(f"{p} holds only the parts this peer fetched from the mesh, not the whole model")
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
 
 

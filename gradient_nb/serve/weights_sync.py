@@ -371,7 +371,10 @@ async def fetch_chunks(mesh: Mesh, jobs: list[_Job], providers: list[Provider], 
                 if failures[p.peer] >= FAILURES_BEFORE_DROP:
                     drop(p, f"{type(exc).__name__}: {exc}")
             else:
-                job.sink(data)
+                try:
+                    job.sink(data)
+                except OSError as exc:  # a full disk, say: no provider can help with that
+                    raise SyncError(f"could not write the fetched weights: {exc}") from exc
                 progress.done_bytes += len(data)
                 progress.chunks_done += 1
                 progress.by_peer[p.peer] = progress.by_peer.get(p.peer, 0) + len(data)
@@ -382,10 +385,12 @@ async def fetch_chunks(mesh: Mesh, jobs: list[_Job], providers: list[Provider], 
                 inflight -= 1
                 changed.set()
 
-    async with asyncio.TaskGroup() as tg:
-        for p in providers[:MAX_PROVIDERS]:
-            for _ in range(IN_FLIGHT):
-                tg.create_task(worker(p))
+    tasks = [asyncio.ensure_future(worker(p)) for p in providers[:MAX_PROVIDERS] for _ in range(IN_FLIGHT)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:  # one failed, or our caller was cancelled: the others stop too
+        for t in tasks:
+            await cancel_and_wait(t)
     if pending:
         why = "; ".join(f"{k[:8]}: {v}" for k, v in progress.dropped.items()) or "no provider holds them"
         raise SyncError(f"{len(pending)} chunks of {progress.model} ({progress.what}) could not be fetched ({why})")

@@ -3,7 +3,9 @@
     %agents ledger        the live agents: skills, tools, capacity, load, latency, reputation, history
     %agents tools         every MCP tool the agents host, with its arguments
     %%agents run          a YAML body: task, mode (single | tools | vote | plan), k, tools
-                          (only agents hosting all of these tools bid)
+                          (only agents hosting all of these tools bid), memory (true: the best entry
+                          of the mesh's verifiable memory goes in front of the task)
+    %agents memory        list | show ID | verify ID: the mesh's verifiable memory (see agents_memory)
 
 A run shows its events as a live timeline in the cell's output (the cell returns at once; the run goes
 on in the kernel's event loop) and prints the URL of its Server-Sent Events stream.
@@ -21,7 +23,7 @@ from IPython.display import HTML, display
 
 from .session import NOT_JOINED, current
 
-USAGE = "usage: %agents ledger | %agents tools   or   %%agents run + a YAML body (see %agents?)"
+USAGE = "usage: %agents ledger | %agents tools | %agents memory ...   or   %%agents run + a YAML body (see %agents?)"
 _state: dict[str, Any] = {}  # this kernel's requester and event server, made on first use
 
 
@@ -35,9 +37,9 @@ def parse_run(body: str) -> dict[str, Any]:
         raise UsageError(f"the cell is not YAML: {exc}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("task"), str) or not spec["task"].strip():
         raise UsageError("%%agents run needs a YAML body with at least 'task: ...'")
-    unknown = set(spec) - {"task", "mode", "k", "tools"}
+    unknown = set(spec) - {"task", "mode", "k", "tools", "memory"}
     if unknown:
-        raise UsageError(f"unknown keys {sorted(unknown)}: task, mode, k, tools")
+        raise UsageError(f"unknown keys {sorted(unknown)}: task, mode, k, tools, memory")
     mode = spec.get("mode", "single")
     if mode not in ("single", "tools", "vote", "plan"):
         raise UsageError("mode is single, tools, vote or plan")
@@ -47,7 +49,11 @@ def parse_run(body: str) -> dict[str, Any]:
     tools = spec.get("tools") or []
     if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
         raise UsageError("tools is a list of tool names")
-    return {"task": spec["task"].strip(), "mode": mode, "k": k, "tools": tools}
+    memory = spec.get("memory", False)
+    if not isinstance(memory, bool) or (memory and mode == "plan"):
+        raise UsageError("memory is true or false, and works with single, tools and vote (a plan would split it)")
+    out = {"task": spec["task"].strip(), "mode": mode, "k": k, "tools": tools}
+    return {**out, "memory": True} if memory else out
 
 
 def ledger_html(ledger: Any, self_id: str) -> str:
@@ -109,6 +115,10 @@ class AgentsMagics(Magics):
                                  f"{t.get('description', '')}")
             print("\n".join(sorted(lines)) or "no tools in this mesh yet")
             return None
+        if args[0] == "memory" and cell is None:
+            from .agents_memory import memory_command
+
+            return memory_command(s, args[1:])
         if args[0] == "run" and cell is not None:
             return self._run(req, parse_run(cell))
         raise UsageError(USAGE)
@@ -140,12 +150,18 @@ class AgentsMagics(Magics):
                 async for _ in log.follow():
                     handle.update(HTML(timeline_html(log, url)))
 
+            task, used = spec["task"], []
+            if spec.get("memory"):
+                from .agents_memory import context_for
+
+                task, used = await context_for(s.mesh, task)
             watcher = s.spawn(show(), "agents-timeline")
             try:
-                out = await req.run(spec["task"], mode=spec["mode"], k=spec["k"], log=log, exclude=exclude)
+                out = await req.run(task, mode=spec["mode"], k=spec["k"], log=log, exclude=exclude)
             finally:
                 watcher.cancel()
-            handle.update(HTML(f"<b>answer</b>: {html.escape(str(out.get('answer')))}" + timeline_html(log, url)))
+            mem = f" (memory: {', '.join(i[:12] for i in used) or 'no entry close enough'})" if spec.get("memory") else ""
+            handle.update(HTML(f"<b>answer</b>: {html.escape(str(out.get('answer')))}{mem}" + timeline_html(log, url)))
 
         def failed(exc: BaseException) -> None:
             handle.update(HTML(f"<b>agents</b>: {html.escape(f'{type(exc).__name__}: {exc}')}"

@@ -1,5 +1,17 @@
 """The planner (Gradientsys): decompose a task, dispatch the steps to agents, retry, replan, finish.
 
+Two ways of planning, one machinery for dispatch:
+
+- ``llm`` (when the planner has a model endpoint, ``Planner(..., llm=LlmPlanner(url, model=...))``):
+  a ReAct loop in which the served model chooses each next action under constrained decoding
+  (``react.py``): call a mesh tool, dispatch up to four independent sub-tasks to agents (in
+  parallel), or give the final answer. Tool results, agents' answers and typed errors go back to the
+  model as observations, so a failed action is replanned by the model itself.
+- ``rules`` (no model endpoint): the deterministic decomposition below. It needs no model and its
+  behaviour can be measured apart from a model's; it is the mode a requester without an endpoint gets.
+
+The rules mode:
+
 1. **Decompose** (``decompose``) the task into steps: one per question or instruction (clauses split
    at ``;``, ``then``, sentence ends); statements of fact are context for the steps after them. A step
    that refers back ("that", "it", "the result") depends on the step before it and receives its
@@ -16,6 +28,14 @@
 4. **Budget.** At most ``max_steps`` dispatches in all, and a deadline for the whole run; past either,
    the run ends with the steps done so far and an error.
 
+The llm mode keeps 2–4: a dispatched sub-task goes through the same beacon, capacity count, retries and
+replans; a tool call goes to an agent that hosts the tool, within its capacity, and is retried with
+backoff when the tool fails (not when the model's call was wrong: ``UnknownTool``/``InvalidArguments``
+go back to the model), placed on another host when its host is gone (``replan``); a failing model
+endpoint is retried with backoff too. The model has at most ``max_steps`` turns and tool calls plus
+dispatches count against ``max_steps`` as well; a run that spends its budget without a final answer
+ends with an error and, as its answer, the last result it obtained.
+
 Every decision is an event in the run's log (``plan``, ``beacon``, ``bid``, ``select``, ``dispatch``,
 ``tool_call``, ``tool_result``, ``retry``, ``replan``, ``final``), which ``events.EventServer`` streams.
 Outcomes are recorded in the ledger (signed by this requester) and fed to the bandit.
@@ -24,16 +44,25 @@ Outcomes are recorded in the ledger (signed by this requester) and fed to the ba
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..mesh.errors import CallTimeout, MeshError, PeerUnreachable, RemoteError
+import httpx
+
+from ..mesh.errors import MeshError, RemoteError
 from ..mesh.frames import Message
 from .beacon import Beacon, Selector
 from .events import RunLog
 from .ledger import Ledger
+from .mcp_mesh import MeshServer, Toolbox, ToolCallError
+from .react import Action, LlmPlanner, mesh_tools
+from .vote import normalize
+
+CALLER_ERRORS = frozenset({"UnknownTool", "InvalidArguments"})  # the call was wrong: the model replans
 
 # How long a step's beacon waits for bids: a bid is an embedding lookup, but a loaded 2-core machine can
 # take seconds to schedule it.
@@ -83,11 +112,16 @@ class PlanFailed(Exception):
     """The plan ran out of its step budget, deadline or retries."""
 
 
+class BudgetSpent(PlanFailed):
+    """The step budget or the deadline is spent: nothing more may be tried."""
+
+
 class Planner:
     def __init__(self, mesh: Any, ledger: Ledger, selector: Selector | None = None, *, max_steps: int = 20,
                  deadline_s: float = 120.0, max_retries: int = 2, backoff: float = 0.2,
-                 step_timeout: float = 60.0) -> None:
-        self.mesh, self.ledger = mesh, ledger
+                 step_timeout: float = 60.0, llm: LlmPlanner | None = None) -> None:
+        self.mesh, self.ledger, self.llm = mesh, ledger, llm
+        self.toolbox = Toolbox(mesh)
         self.selector = selector or Selector(ledger)
         self.max_steps, self.deadline_s, self.max_retries = max_steps, deadline_s, max_retries
         self.backoff, self.step_timeout = backoff, step_timeout
@@ -95,12 +129,19 @@ class Planner:
         self.peak: dict[str, int] = {}  # the most steps this planner ever had on each agent at once
         self._freed = asyncio.Event()
 
+    @property
+    def planning(self) -> str:
+        """``llm`` (the model chooses each action) or ``rules`` (no model endpoint: ``decompose``)."""
+        return "rules" if self.llm is None else "llm"
+
     async def run(self, task: str, log: RunLog, *, mode: str = "tools",
                   exclude: set[str] = frozenset()) -> dict[str, Any]:
-        steps = decompose(task)
-        log.emit("plan", steps=[{"id": s.id, "task": s.task, "deps": s.deps} for s in steps])
         self._dispatches = 0
         self._deadline = time.monotonic() + self.deadline_s
+        if self.llm is not None:
+            return await self._react(task, log, mode, set(exclude))
+        steps = decompose(task)
+        log.emit("plan", planning="rules", steps=[{"id": s.id, "task": s.task, "deps": s.deps} for s in steps])
         done: dict[str, Step] = {}
         running: dict[asyncio.Task, Step] = {}
         try:
@@ -111,7 +152,7 @@ class Planner:
                         running[asyncio.ensure_future(self._run_step(s, text, mode, log, set(exclude)))] = s
                 left = self._deadline - time.monotonic()
                 if left <= 0:
-                    raise PlanFailed(f"the deadline of {self.deadline_s:g} s passed")
+                    raise BudgetSpent(f"the deadline of {self.deadline_s:g} s passed")
                 finished, _ = await asyncio.wait(running, timeout=left, return_when=asyncio.FIRST_COMPLETED)
                 for t in finished:
                     s = running.pop(t)
@@ -130,16 +171,143 @@ class Planner:
         return {"answer": answer, "steps": [vars(s) for s in steps], "dispatches": self._dispatches,
                 "tokens": sum(s.tokens for s in steps)}
 
+    def _check_budget(self) -> None:
+        if self._dispatches >= self.max_steps:
+            raise BudgetSpent(f"the step budget of {self.max_steps} dispatches is spent")
+        if time.monotonic() > self._deadline:
+            raise BudgetSpent(f"the deadline of {self.deadline_s:g} s passed")
+
+    # ------------------------------------------------------------------ llm planning (ReAct)
+
+    async def _react(self, task: str, log: RunLog, mode: str, excluded: set[str]) -> dict[str, Any]:
+        history: list[tuple[Action, str]] = []
+        steps: list[Step] = []
+        tokens, last, turn = 0, None, 0
+        try:
+            for turn in range(1, self.max_steps + 1):
+                self._check_budget()
+                action = await self._decide(task, history, turn, log)
+                tokens += action.tokens
+                log.emit("plan", planning="llm", turn=turn, action=action.name, arguments=action.arguments)
+                if action.kind == "final":
+                    answer = normalize(str(action.arguments["answer"]))
+                    log.emit("final", answer=answer, planning="llm", turns=turn, dispatches=self._dispatches)
+                    return {"answer": answer, "planning": "llm", "turns": turn, "steps": [vars(s) for s in steps],
+                            "dispatches": self._dispatches, "tokens": tokens + sum(s.tokens for s in steps)}
+                if action.kind == "tool":
+                    observation, value = await self._call_tool(action, f"t{turn}", log, excluded)
+                else:
+                    observation, value = await self._dispatch(action, f"t{turn}", mode, log, excluded, steps)
+                last = value if value is not None else last
+                history.append((action, observation))
+            raise BudgetSpent(f"the step budget of {self.max_steps} turns is spent")
+        except PlanFailed as exc:
+            log.emit("final", answer=last, error=str(exc), planning="llm", turns=turn)
+            return {"answer": last, "error": str(exc), "planning": "llm", "turns": turn,
+                    "steps": [vars(s) for s in steps], "dispatches": self._dispatches,
+                    "tokens": tokens + sum(s.tokens for s in steps)}
+
+    async def _decide(self, task: str, history: list[tuple[Action, str]], turn: int, log: RunLog) -> Action:
+        """The model's next action; a failing endpoint is retried with backoff."""
+        assert self.llm is not None
+        tools = mesh_tools(cap for a, cap in self.ledger.agents().items() if a != self.mesh.id)
+        attempt = 0
+        while True:
+            try:
+                return await asyncio.wait_for(self.llm.next_action(task, history, tools),
+                                              max(0.1, self._deadline - time.monotonic()))
+            except TimeoutError:
+                raise BudgetSpent(f"the deadline of {self.deadline_s:g} s passed") from None
+            except (RuntimeError, ValueError, KeyError, httpx.HTTPError) as exc:
+                attempt += 1
+                if attempt > self.max_retries:
+                    raise PlanFailed(f"the planning model failed {attempt} times: {exc}") from None
+                delay = self.backoff * 2 ** (attempt - 1)
+                log.emit("retry", step=f"t{turn}", agent="planner", error=f"{type(exc).__name__}: {exc}",
+                         attempt=attempt, backoff_s=delay)
+                await asyncio.sleep(delay)
+
+    async def _call_tool(self, action: Action, sid: str, log: RunLog, excluded: set[str]) -> tuple[str, Any]:
+        """Call the tool on an agent that hosts it, within its capacity: (observation, value or None)."""
+        name, attempts = action.name, 0
+        while True:
+            self._check_budget()
+            hosts = [(a, t.get("server")) for a, cap in self.ledger.agents().items()
+                     if a not in excluded and a != self.mesh.id for t in cap.tools if t.get("name") == name]
+            if not hosts:
+                return f"error: UnknownTool: no agent of the mesh hosts a tool {name!r}", None
+            free = [h for h in hosts if self.in_flight.get(h[0], 0) < self._capacity(h[0])]
+            if not free:
+                await self._slot_freed()
+                continue
+            agent, server = max(free, key=lambda h: self.ledger.reputation(h[0]))
+            key = f"{agent}/{server}"
+            self.toolbox.add(key, MeshServer(agent, str(server)))
+            log.emit("select", step=sid, agent=agent, tool=name)
+            self.in_flight[agent] = self.in_flight.get(agent, 0) + 1
+            self.peak[agent] = max(self.peak.get(agent, 0), self.in_flight[agent])
+            self._dispatches += 1
+            log.emit("tool_call", step=sid, agent=agent, tool=name, arguments=action.arguments)
+            t0 = time.perf_counter()
+            try:
+                value = await asyncio.wait_for(self.toolbox.call(key, name, action.arguments),
+                                               min(self.step_timeout, max(0.1, self._deadline - time.monotonic())))
+            except (ToolCallError, TimeoutError) as exc:
+                err = exc if isinstance(exc, ToolCallError) else ToolCallError("Unavailable", name, "timed out")
+                log.emit("tool_result", step=sid, agent=agent, tool=name, error=err.kind)
+                self._tool_outcome(agent, False, t0)
+                if err.kind == "Unavailable":  # the host is gone: another host, no retry spent
+                    excluded.add(agent)
+                    log.emit("replan", step=sid, agent=agent, reason=err.message[:200])
+                    continue
+                attempts += 1
+                if err.kind in CALLER_ERRORS or attempts > self.max_retries:
+                    return f"error: {err.kind}: {err.message[:300]}", None
+                delay = self.backoff * 2 ** (attempts - 1)
+                log.emit("retry", step=sid, agent=agent, error=f"{err.kind}: {err.message[:200]}",
+                         attempt=attempts, backoff_s=delay)
+                await asyncio.sleep(delay)
+                continue
+            finally:
+                self.in_flight[agent] -= 1
+                self._freed.set()
+            self._tool_outcome(agent, True, t0)
+            log.emit("tool_result", step=sid, agent=agent, tool=name, result=value)
+            return json.dumps(value), normalize(str(value))
+
+    async def _dispatch(self, action: Action, sid: str, mode: str, log: RunLog, excluded: set[str],
+                        steps: list[Step]) -> tuple[str, Any]:
+        """Run the sub-tasks in parallel on agents: (observation, the last sub-task's answer)."""
+        mine = [Step(f"{sid}.{i + 1}", str(t)) for i, t in enumerate(action.arguments["tasks"])]
+        steps.extend(mine)
+        outs = await asyncio.gather(*(self._run_step(s, s.task, mode, log, excluded) for s in mine),
+                                    return_exceptions=True)
+        for out in outs:  # the budget, or a cancellation, ends the run; a step that failed is an observation
+            if isinstance(out, BudgetSpent) or (isinstance(out, BaseException) and not isinstance(out, Exception)):
+                raise out
+        answers = [s.answer if not isinstance(o, Exception) else f"error: {o}" for s, o in zip(mine, outs, strict=True)]
+        done = [s.answer for s, o in zip(mine, outs, strict=True) if o is None and s.answer is not None]
+        return json.dumps({"answers": answers}), (done[-1] if done else None)
+
+    def _tool_outcome(self, agent: str, ok: bool, t0: float) -> None:
+        self.ledger.record_outcome(agent, f"tool-{secrets.token_hex(6)}-{agent[:8]}", success=ok,
+                                   latency_ms=(time.perf_counter() - t0) * 1000)
+
+    async def _slot_freed(self, wait: float = 1.0) -> None:
+        """Until one of this planner's steps or tool calls ends (``wait`` seconds at most)."""
+        self._freed.clear()
+        try:
+            await asyncio.wait_for(self._freed.wait(), wait)
+        except TimeoutError:
+            pass
+
     def _capacity(self, agent: str) -> int:
         cap = self.ledger.agents().get(agent)
         return cap.capacity if cap is not None else 0
 
     async def _run_step(self, step: Step, text: str, mode: str, log: RunLog, excluded: set[str]) -> None:
         while True:
-            if self._dispatches >= self.max_steps:
-                raise PlanFailed(f"the step budget of {self.max_steps} dispatches is spent")
-            if time.monotonic() > self._deadline:
-                raise PlanFailed(f"the deadline of {self.deadline_s:g} s passed")
+            self._check_budget()
             beacon = Beacon.for_task(text, k=1, deadline_s=BID_WAIT_S)
             log.emit("beacon", step=step.id, beacon=beacon.id, task=text)
             bids = await self.selector.collect_bids(self.mesh, beacon, exclude=excluded)
@@ -151,11 +319,7 @@ class Planner:
                 if not bids and not self.ledger.agents().keys() - excluded - {self.mesh.id}:
                     raise PlanFailed(f"no agent is left for step {step.id}")
                 # Every agent that bid is busy (or none bid yet): wait for a slot, then ask again.
-                self._freed.clear()
-                try:
-                    await asyncio.wait_for(self._freed.wait(), 1.0)
-                except TimeoutError:
-                    pass
+                await self._slot_freed()
                 continue
             agent = chosen[0]["agent"]
             log.emit("select", step=step.id, agent=agent, name=chosen[0].get("name"),
@@ -169,12 +333,6 @@ class Planner:
             try:
                 reply = await self.mesh.call(agent, "agent.task", Message({"task": text, "mode": mode}),
                                              timeout=min(self.step_timeout, max(0.1, self._deadline - time.monotonic())))
-            except (PeerUnreachable, CallTimeout) as exc:
-                # The agent vanished (or went silent): place the step elsewhere, no retry spent.
-                self._outcome(beacon, agent, False, t0)
-                excluded.add(agent)
-                log.emit("replan", step=step.id, agent=agent, reason=type(exc).__name__)
-                continue
             except RemoteError as exc:
                 self._outcome(beacon, agent, False, t0)
                 step.attempts += 1
@@ -185,6 +343,13 @@ class Planner:
                 log.emit("retry", step=step.id, agent=agent, error=step.error, attempt=step.attempts,
                          backoff_s=delay)
                 await asyncio.sleep(delay)
+                continue
+            except MeshError as exc:
+                # The agent vanished, went silent or its link broke (any failure of the path, not an
+                # error the agent answered): place the step elsewhere, no retry spent.
+                self._outcome(beacon, agent, False, t0)
+                excluded.add(agent)
+                log.emit("replan", step=step.id, agent=agent, reason=type(exc).__name__)
                 continue
             finally:
                 self.in_flight[agent] -= 1

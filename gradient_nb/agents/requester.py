@@ -7,7 +7,8 @@ mode=..., k=...)`` returns ``{"answer", "run_id", ...}`` and every run streams i
 - ``single``: beacon, one agent answers with chain of thought;
 - ``tools``: beacon, one agent answers in its ReAct loop with its MCP tools;
 - ``vote``: beacon for k agents, each answers independently (different seeds), weighted vote;
-- ``plan``: the planner decomposes and dispatches (``planner.Planner``).
+- ``plan``: the planner (``planner.Planner``): the model chooses each action (tool call, dispatch to
+  agents, final answer) when the requester has a model endpoint (``llm=``), else rule-based planning.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .beacon import Beacon, Selector
 from .events import RunLog, Runs
 from .ledger import Ledger
 from .planner import Planner
+from .react import LlmPlanner
 from .vote import votes_from, weighted_vote
 
 MODES = ("single", "tools", "vote", "plan")
@@ -29,13 +31,15 @@ MODES = ("single", "tools", "vote", "plan")
 
 class Requester:
     def __init__(self, mesh: Any, *, ledger: Ledger | None = None, task_timeout: float = 120.0,
-                 planner_options: dict[str, Any] | None = None) -> None:
+                 planner_options: dict[str, Any] | None = None, llm: LlmPlanner | None = None) -> None:
+        """``llm`` (a ``react.LlmPlanner``): the model the planner asks for each action; without one it plans
+        by rules."""
         self.mesh = mesh
         self.ledger = ledger or Ledger(mesh.state, mesh.identity)
         self.selector = Selector(self.ledger)
         self.runs = Runs()
         self.task_timeout = task_timeout
-        self.planner = Planner(mesh, self.ledger, self.selector, **(planner_options or {}))
+        self.planner = Planner(mesh, self.ledger, self.selector, llm=llm, **(planner_options or {}))
 
     async def run(self, task: str, *, mode: str = "single", k: int = 3, log: RunLog | None = None,
                   exclude: set[str] = frozenset()) -> dict[str, Any]:

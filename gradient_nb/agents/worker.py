@@ -34,6 +34,17 @@ FINAL = {"type": "function", "function": {
                    "required": ["answer"], "additionalProperties": False}}}
 
 
+async def chat(base_url: str, body: dict[str, Any], *, api_key: str | None = None,
+               timeout: float = 120.0) -> dict[str, Any]:
+    """One chat completion at an OpenAI-compatible endpoint (``RuntimeError`` when it answers an error)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(timeout=timeout) as http:
+        r = await http.post(f"{base_url.rstrip('/')}/chat/completions", json=body, headers=headers)
+    if r.status_code != 200:
+        raise RuntimeError(f"the model endpoint answered {r.status_code}: {r.text[:300]}")
+    return r.json()
+
+
 class LlmWorker:
     def __init__(self, base_url: str, *, model: str, api_key: str | None = None, toolbox: Toolbox | None = None,
                  max_tokens: int = 160, max_steps: int = 3, timeout: float = 120.0) -> None:
@@ -43,13 +54,7 @@ class LlmWorker:
         self._tools: list[dict[str, Any]] | None = None  # OpenAI function specs, with their MCP server
 
     async def _chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        async with httpx.AsyncClient(timeout=self.timeout) as http:
-            r = await http.post(f"{self.base_url}/chat/completions", json={"model": self.model, **body},
-                                headers=headers)
-        if r.status_code != 200:
-            raise RuntimeError(f"the model endpoint answered {r.status_code}: {r.text[:300]}")
-        return r.json()
+        return await chat(self.base_url, {"model": self.model, **body}, api_key=self.api_key, timeout=self.timeout)
 
     async def run(self, task: dict[str, Any]) -> dict[str, Any]:
         if task.get("mode") == "tools" and self.toolbox is not None:

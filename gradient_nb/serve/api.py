@@ -440,14 +440,27 @@ def _conversation(messages: list[Any]) -> list[dict[str, str]]:
             raise ApiError(400, f"messages[{i}] needs a role of system, user, assistant or tool", param="messages")
         role = "system" if m["role"] == "developer" else m["role"]
         if role == "assistant" and m.get("tool_calls") and not m.get("content"):
+            # Each call as the grammar makes the model write one ({"name", "arguments": {...}}, one per
+            # line), so a conversation's earlier calls show the model the form of its next one.
             calls = [c.get("function", {}) for c in m["tool_calls"] if isinstance(c, dict)]
-            text = json.dumps([{"name": c.get("name"), "arguments": c.get("arguments")} for c in calls])
+            text = "\n".join(json.dumps({"name": c.get("name"), "arguments": _arguments(c.get("arguments"))},
+                                         separators=(",", ":")) for c in calls)
         else:
             text = _message_text(m.get("content"), i)
         if role == "tool":
             role, text = "user", f"[tool result] {text}"
         conv.append({"role": role, "content": text})
     return conv
+
+
+def _arguments(raw: Any) -> Any:
+    """A tool call's arguments as a JSON value (OpenAI sends them as a JSON string)."""
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    return raw
 
 
 async def _step_tokens(steps: AsyncIterator[Any], record: list[Any] | None = None) -> AsyncIterator[int]:

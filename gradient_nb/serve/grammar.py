@@ -13,9 +13,10 @@ once per schema and cached; a step's mask costs microseconds to a millisecond).
   (``json_schema`` or ``json_object``). A tool call is the JSON object ``{"name": ..., "arguments":
   {...}}`` whose schema is the ``anyOf`` of one branch per allowed tool (name fixed by ``const``,
   arguments by the tool's ``parameters``), so the arguments always validate against the chosen tool.
-  ``tool_choice`` ``"required"`` or a named function constrains; ``"none"`` ignores the tools; ``"auto"``
-  is treated as ``"required"`` (a small model rarely chooses to call a tool by itself; the caller who
-  lists tools wants one called; this is documented where the API is).
+  ``tool_choice`` ``"required"`` or a named function constrains to a call; ``"none"`` ignores the tools;
+  ``"auto"`` (OpenAI's default when tools are listed) lets the model answer in text *or* call a tool:
+  the grammar is the union of the call's JSON and free text that does not begin with ``{``, so the
+  model's first token decides, and a reply that begins with ``{`` is always a valid call.
 
 Only the schema keywords xgrammar supports are enforced (types, properties, required, enum, const,
 anyOf, items, lengths, numeric ranges); an unsupported schema is refused up front, not half-enforced.
@@ -36,6 +37,7 @@ __all__ = ["GrammarConstraint", "StructuredOutput", "grammar_compiler"]
 _compilers: dict[tuple[int, int, tuple[int, ...]], Any] = {}
 _lock = threading.Lock()
 _SHIFTS = torch.arange(32, dtype=torch.int32)
+_TEXT = "root ::= [^{] [^]*"  # free text whose first character is not "{" (tool_choice "auto")
 
 
 def grammar_compiler(tokenizer: Any, vocab_size: int, stop_ids: set[int] | frozenset[int] = frozenset()) -> Any:
@@ -101,6 +103,7 @@ class StructuredOutput:
     kind: str  # "tool_call" | "json"
     schema: dict[str, Any] | None  # None: any JSON value (json_object)
     tools: list[dict[str, Any]]
+    optional: bool = False  # tool_choice "auto": the model may answer in text instead of calling
 
     @classmethod
     def from_request(cls, body: dict[str, Any]) -> StructuredOutput | None:
@@ -130,7 +133,7 @@ class StructuredOutput:
                     raise RequestError("tool_choice is none, auto, required or {type: function, ...}", "tool_choice")
                 if fmt not in (None, {"type": "text"}):
                     raise RequestError("send tools or response_format, not both", "response_format")
-                return cls("tool_call", _tool_schema(fns), fns)
+                return cls("tool_call", _tool_schema(fns), fns, optional=choice in (None, "auto"))
         if fmt is None or fmt == {"type": "text"}:
             return None
         if not isinstance(fmt, dict):
@@ -149,6 +152,9 @@ class StructuredOutput:
         if self.kind == "tool_call":
             lines = ["You call a tool. Reply with only a JSON object {\"name\": <tool name>, \"arguments\": "
                      "<object>}. Tools:"]
+            if self.optional:
+                lines[0] = ("If a tool helps, call it: reply with only a JSON object {\"name\": <tool name>, "
+                            "\"arguments\": <object>}. Otherwise answer in plain text. Tools:")
             for t in self.tools:
                 lines.append(f"- {t['name']}: {t.get('description', '')} arguments schema: "
                              f"{json.dumps(t.get('parameters') or {}, separators=(',', ':'))}")
@@ -162,6 +168,12 @@ class StructuredOutput:
         try:
             if self.schema is None:
                 compiled = comp.compile_builtin_json_grammar()
+            elif self.optional:  # a call, or text that does not begin with "{"
+                import xgrammar as xgr
+
+                call = xgr.Grammar.from_json_schema(json.dumps(self.schema), any_whitespace=False,
+                                                    separators=(",", ":"), strict_mode=True)
+                compiled = comp.compile_grammar(xgr.Grammar.union(call, xgr.Grammar.from_ebnf(_TEXT)))
             else:
                 # Compact separators: every structural token costs a decode step.
                 compiled = comp.compile_json_schema(json.dumps(self.schema), any_whitespace=False,
@@ -174,7 +186,7 @@ class StructuredOutput:
     def message(self, text: str) -> tuple[dict[str, Any], str | None]:
         """The assistant message for the generated ``text`` and, for a tool call, finish reason 'tool_calls'
         (None when the text is not a complete call: generation ran out of tokens)."""
-        if self.kind != "tool_call":
+        if self.kind != "tool_call" or (self.optional and not text.startswith("{")):
             return {"role": "assistant", "content": text}, None
         try:
             call = json.loads(text)

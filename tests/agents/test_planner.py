@@ -131,7 +131,7 @@ async def test_an_agent_killed_mid_task_is_replanned(procs) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(by_id[victim].pid, signal.SIGKILL)
         out = await asyncio.wait_for(run, 60)
-        assert out["answer"] == "42", [(e.kind, e.data) for e in log.events]
+        assert out["answer"] == "42", (out.get("error"), [(e.kind, e.data) for e in log.events])
         replans = [e.data for e in log.events if e.kind == "replan"]
         assert [r["agent"] for r in replans] == [victim]
         finishers = [e.data["agent"] for e in log.events if e.kind == "dispatch"]

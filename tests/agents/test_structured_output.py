@@ -13,8 +13,18 @@ import openai
 import pytest
 import pytest_asyncio
 
+from gradient_nb.agents.agent import Agent
+from gradient_nb.agents.ledger import Skill
+from gradient_nb.agents.react import DISPATCH, FINAL, LlmPlanner, mesh_tools
+from gradient_nb.agents.requester import Requester
+from gradient_nb.agents.tools import builtin_tools
+from gradient_nb.agents.worker import ToolWorker
+from gradient_nb.mesh.identity import Identity
+from gradient_nb.mesh.peer import join
+from gradient_nb.mesh.rendezvous import Rendezvous
 from gradient_nb.models import DEFAULT_MODEL
 from gradient_nb.serve.api import serve_api
+from gradient_nb.serve.grammar import GrammarConstraint, StructuredOutput
 from gradient_nb.serve.shard import LocalEngine
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -47,14 +57,19 @@ def _prompts(n: int) -> list[str]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def client() -> AsyncIterator[openai.AsyncOpenAI]:
+async def served() -> AsyncIterator[tuple[LocalEngine, object]]:
     engine = LocalEngine(DEFAULT_MODEL)
     engine.model_name = DEFAULT_MODEL
     server = await serve_api(engine, api_key="k")
-    async with openai.AsyncOpenAI(base_url=server.url, api_key="k", max_retries=0) as c:
-        yield c
+    yield engine, server
     await server.stop()
     await engine.aclose()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(served) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=served[1].url, api_key="k", max_retries=0) as c:
+        yield c
 
 
 async def test_fifty_tool_calls_all_parse_and_validate(client: openai.AsyncOpenAI) -> None:
@@ -96,3 +111,105 @@ async def test_response_format_json_schema_and_refusals(client: openai.AsyncOpen
     with pytest.raises(openai.BadRequestError, match="streaming tool calls"):
         await client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}],
                                              tools=TOOLS, stream=True)
+
+
+async def test_tool_choice_auto_lets_the_model_answer_in_text_or_call(served, client: openai.AsyncOpenAI) -> None:
+    engine, _ = served
+    tok = engine.tokenizer
+    auto = StructuredOutput.from_request({"tools": TOOLS})  # no tool_choice: OpenAI's default, "auto"
+    assert auto.optional and StructuredOutput.from_request({"tools": TOOLS, "tool_choice": "auto"}).optional
+    assert not StructuredOutput.from_request({"tools": TOOLS, "tool_choice": "required"}).optional
+    assert StructuredOutput.from_request({"tools": TOOLS, "tool_choice": "none"}) is None
+    eos = set(engine.eos_ids)
+
+    def feed(text: str) -> GrammarConstraint:
+        c = auto.constraint(tok, len(tok), eos)
+        for t in tok(text, add_special_tokens=False)["input_ids"]:
+            c.accept(t)
+        return c
+
+    # The grammar takes a whole call or text that does not begin with "{", and may end after either.
+    for text in ('{"name":"calculate","arguments":{"expression":"1+1"}}', "Hello there, no tool needed."):
+        assert any(feed(text).allowed()[i] for i in eos), text
+    with pytest.raises(ValueError, match="does not continue the grammar"):
+        feed('{"name":"shell","arguments":{}}')
+    msg, finish = auto.message('{"name":"calculate","arguments":{"expression":"1+1"}}')
+    assert finish == "tool_calls" and msg["tool_calls"][0]["function"]["name"] == "calculate"
+    assert auto.message("Hi!") == ({"role": "assistant", "content": "Hi!"}, None)
+    # The real model, through the official client: with "auto" it answers a greeting in text (greedy);
+    # whatever it chooses, a reply is a valid call or text; "none" never calls.
+    async def ask(choice: str, prompt: str):
+        return await client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": prompt}],
+                                                    tools=TOOLS, tool_choice=choice, max_tokens=16, temperature=0.0)
+
+    asked = [("auto", "Hello! How are you today?"), ("auto", "What is 37 times 24?"), ("none", "What is 37 times 24?")]
+    for (choice, prompt), r in zip(asked, await asyncio.gather(*(ask(*a) for a in asked)), strict=True):
+        m = r.choices[0].message
+        if m.tool_calls:
+            assert choice == "auto" and r.choices[0].finish_reason == "tool_calls"
+            jsonschema.validate(json.loads(m.tool_calls[0].function.arguments), SCHEMAS[m.tool_calls[0].function.name])
+        else:
+            assert m.content and not m.content.startswith("{"), (choice, prompt, m)
+        if prompt.startswith("Hello"):
+            assert not m.tool_calls and r.choices[0].finish_reason in ("stop", "length")
+
+
+async def test_the_llm_planner_chooses_valid_actions_and_runs_them(served) -> None:
+    """The served model plans (ReAct under constrained decoding): every action it chose parses, validates
+    against its function's schema and was carried out on the mesh within capacity; a failing planning
+    endpoint is retried with backoff and then ends the run with the reason."""
+    _, server = served
+    async with Rendezvous() as rv:
+        async def peer(name: str):
+            return await join(rv.url, name=name, identity=Identity.generate(), heartbeat=0.5, peer_timeout=5.0,
+                              probe_seconds=0.05)
+
+        agents = []
+        for i in range(2):
+            a = Agent(await peer(f"calc{i}"), name=f"calc{i}", servers={"tools": builtin_tools()}, capacity=1,
+                      heartbeat=0.5, skills=[Skill("arithmetic", "compute sums and products of numbers exactly")])
+            a.worker = ToolWorker(a.local).run
+            await a.start()
+            agents.append(a)
+        llm = LlmPlanner(server.url, model=DEFAULT_MODEL, api_key="k")
+        req = Requester(await peer("requester"), llm=llm, planner_options={"max_steps": 2, "backoff": 0.05})
+        try:
+            for _ in range(300):
+                if len(set(req.ledger.agents()) - {req.mesh.id}) >= 2:
+                    break
+                await asyncio.sleep(0.1)
+            out = await req.run("Compute 17*23, then add 9 to that.", mode="plan")
+            log = req.runs.runs[out["run_id"]]
+            events = [(e.kind, e.data) for e in log.events]
+            print("llm plan:", out.get("answer"), out.get("error"), [(d["action"], d["arguments"])
+                                                                    for k, d in events if k == "plan"])
+            assert out["planning"] == "llm" and log.kinds()[-1] == "final" and log.kinds()[0] == "plan", events
+            specs = {t["function"]["name"]: t["function"]["parameters"]
+                     for t in (*mesh_tools(req.ledger.agents().values()), DISPATCH, FINAL)}
+            plans = [d for k, d in events if k == "plan"]
+            assert 1 <= len(plans) <= 2 and out["turns"] == len(plans), events
+            for d in plans:
+                jsonschema.validate(d["arguments"], specs[d["action"]])
+            # Each action but a final one was carried out: a tool call on a hosting agent, or dispatches.
+            acted = [k for k, _ in events if k in ("plan", "tool_call", "dispatch")]
+            for i, k in enumerate(acted):
+                if k == "plan" and plans[acted[:i + 1].count("plan") - 1]["action"] != "final_answer":
+                    assert i + 1 < len(acted) and acted[i + 1] != "plan", events
+            if plans[-1]["action"] == "final_answer":
+                assert "error" not in out and out["answer"] is not None
+            else:
+                assert "budget" in out["error"], out
+            assert all(req.planner.peak[a] <= 1 for a in req.planner.peak), req.planner.peak
+            # A planning endpoint that fails (an unknown model: a real 404) is retried, then the run ends.
+            bad = Requester(req.mesh, llm=LlmPlanner(server.url, model="no-such-model", api_key="k"),
+                            planner_options={"max_retries": 2, "backoff": 0.05})
+            out = await bad.run("Compute 2*3", mode="plan")
+            log = bad.runs.runs[out["run_id"]]
+            retries = [e.data for e in log.events if e.kind == "retry"]
+            assert [r["attempt"] for r in retries] == [1, 2] and retries[1]["backoff_s"] == 2 * retries[0]["backoff_s"]
+            assert out["answer"] is None and "planning model failed 3 times" in out["error"] and "404" in out["error"]
+        finally:
+            for a in agents:
+                await a.stop()
+                await a.mesh.leave()
+            await req.mesh.leave()

@@ -150,6 +150,8 @@ class Mesh:
         self.direct = direct and not observe
         self._direct: DirectEndpoint | None = None
         self._dialing: set[str] = set()
+        # Peers whose offer we are answering: no offer of ours may cross it (see _offer_to).
+        self._answering: dict[str, str] = {}  # peer id -> the link id of its offer
         self.link_errors: dict[str, str] = {}  # peer id -> why the last attempt to link failed
         # peer id -> (our SDP, theirs) of a link attempt not yet connected: a join that gives up on it
         # before ICE itself does (its checks retry for about a minute) still explains from the candidates.
@@ -477,25 +479,30 @@ class Mesh:
         if old is not None:
             # The other side offered again, so it lost its end of our link (e.g. it restarted).
             await self._drop_link(sender)
+        self._answering[sender] = link_id
         try:
-            link, answer = await answer_link(sender, self.ice, sdp)
-            self._link_sdps[sender] = (answer, sdp)
-            await self._send_signal(sender, "answer", {"link": link_id, "sdp": answer})
-            await link.wait_connected(CONNECT_TIMEOUT)
-        except (LinkFailed, MeshError, TimeoutError) as exc:
-            log.warning("link from %s failed: %s", sender[:8], exc)
-            local, remote = self._link_sdps.get(sender, (None, None))
-            why = explain_failure(self.ice, _sdp_candidates(local), _sdp_candidates(remote)) if remote else str(exc)
-            self.link_errors[sender] = why
-            # Whoever waits for this link (we lost a glare, so our own offer was withdrawn) must learn now.
-            fut = self._connecting.pop(sender, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(PeerUnreachable(f"cannot link to peer {sender[:8]}: {why}"))
-            if link is not None:
-                with contextlib.suppress(Exception):
-                    await link.close()
-            return
-        await self._register_link(sender, link)
+            try:
+                link, answer = await answer_link(sender, self.ice, sdp)
+                self._link_sdps[sender] = (answer, sdp)
+                await self._send_signal(sender, "answer", {"link": link_id, "sdp": answer})
+                await link.wait_connected(CONNECT_TIMEOUT)
+            except (LinkFailed, MeshError, TimeoutError) as exc:
+                log.warning("link from %s failed: %s", sender[:8], exc)
+                local, remote = self._link_sdps.get(sender, (None, None))
+                why = explain_failure(self.ice, _sdp_candidates(local), _sdp_candidates(remote)) if remote else str(exc)
+                self.link_errors[sender] = why
+                # Whoever waits for this link (we lost a glare, so our own offer was withdrawn) must learn now.
+                fut = self._connecting.pop(sender, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(PeerUnreachable(f"cannot link to peer {sender[:8]}: {why}"))
+                if link is not None:
+                    with contextlib.suppress(Exception):
+                        await link.close()
+                return
+            await self._register_link(sender, link)
+        finally:
+            if self._answering.get(sender) == link_id:
+                del self._answering[sender]
 
     # -- links ---------------------------------------------------------------------------------
     def _keeps_old(self, peer_id: str, new: Link | DirectLink, old: Link | DirectLink) -> bool:
@@ -622,8 +629,15 @@ class Mesh:
         pl = self._links.get(peer_id)
         return pl is not None and not pl.link.closed
 
+    def _linked_or_linking(self, peer_id: str) -> bool:
+        """A link to ``peer_id`` is up, or its offer to us is being answered: an offer of ours now
+        would cross it, and its arrival would make the other side drop the link it has just made
+        (it takes a second offer to mean that we lost our end). Whoever waits in ``_connecting`` is
+        told by the answered link's registration, or its failure."""
+        return self._live(peer_id) or peer_id in self._answering
+
     async def _offer_to(self, peer_id: str) -> None:
-        if await self._try_direct(peer_id) or self._live(peer_id):
+        if await self._try_direct(peer_id) or self._linked_or_linking(peer_id):
             return
         link_id = secrets.token_hex(8)
         answer_fut: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
@@ -632,8 +646,8 @@ class Mesh:
         sdp = answer_sdp = None
         try:
             pending, sdp = await offer_link(peer_id, self.ice)
-            if self._live(peer_id):
-                return  # the other side's direct dial landed meanwhile
+            if self._linked_or_linking(peer_id):
+                return  # the other side's direct dial or offer came while we gathered candidates
             offer: dict[str, Any] = {"link": link_id, "sdp": sdp}
             if self._direct is not None:
                 # The other side may reach us directly even where we could not reach it (or did not
@@ -826,7 +840,8 @@ class Mesh:
         """Keep a few links so that state and signaling have paths that avoid the rendezvous."""
         await asyncio.sleep(0.5)
         while True:
-            candidates = (set(self.state.peers()) | self._rendezvous_peers) - set(self._links) - {self.id}
+            candidates = (set(self.state.peers()) | self._rendezvous_peers) - set(self._links) - set(self._answering) \
+                - {self.id}
             want = self.eager_links - len(self._links)
             # Only the lower id of a pair starts an eager link, so two joiners don't both offer.
             chosen = [p for p in candidates if p > self.id]

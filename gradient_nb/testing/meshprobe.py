@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import inspect
 import json
+import logging
 import secrets
 import statistics
 import subprocess
@@ -310,7 +312,23 @@ def _emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj), flush=True)
 
 
+class _RecentLog(logging.Handler):
+    """The last records of the mesh's log, put into a failed report so that a test shows why."""
+
+    def __init__(self, keep: int = 80) -> None:
+        super().__init__(logging.INFO)
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self.setFormatter(logging.Formatter("%(relativeCreated)d %(name)s %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
 async def _main(args: argparse.Namespace) -> int:
+    recent = _RecentLog()
+    logger = logging.getLogger("gradient_nb")
+    logger.addHandler(recent)
+    logger.setLevel(logging.INFO)
     ice = IceConfig.from_dict(json.loads(args.ice)) if args.ice else IceConfig()
     ok = True
     for run in range(args.runs):
@@ -324,6 +342,8 @@ async def _main(args: argparse.Namespace) -> int:
                 line = await asyncio.wait_for(asyncio.to_thread(sys.stdin.readline), args.timeout * 4)
                 if line.strip():
                     after = await asyncio.wait_for(_after_rendezvous(mesh, args), args.timeout * 4)
+                    if not after["ok"]:
+                        after["log"] = list(recent.lines)
                     _emit(after)
                     ok = ok and after["ok"]
         finally:

@@ -20,8 +20,9 @@ class Swarm:
     over them. ``setup(i, server)`` runs on each serving peer before its observers are attached (a test
     makes one a cheat there)."""
 
-    def __init__(self, path: Path, n: int, lease_s: float, setup=None) -> None:
+    def __init__(self, path: Path, n: int, lease_s: float, setup=None, layers=None) -> None:
         self.path, self.n, self.lease_s, self.setup = path, n, lease_s, setup
+        self.layers = layers or [(0, 4)] * n  # each peer's layer range (default: whole replicas)
         self.samplers: list = []
 
     async def __aenter__(self) -> Swarm:
@@ -38,7 +39,7 @@ class Swarm:
         for i in range(self.n):
             mesh = await join(self.rv.url, name=f"sampler-{i}", identity=Identity.generate(), probe_seconds=0.05,
                               heartbeat=0.5, peer_timeout=3.0)
-            server = ServingPeer(mesh, str(self.path), layers=(0, 4))
+            server = ServingPeer(mesh, str(self.path), layers=self.layers[i])
             if self.setup is not None:
                 self.setup(i, server)
             attach_commitments(server)

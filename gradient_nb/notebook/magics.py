@@ -72,6 +72,7 @@ def _spawn_parser() -> _Parser:
     p.add_argument("--serve", default=None, metavar="MODEL")
     p.add_argument("--layers", default=None, help="one range per peer: 0:10,10:30")
     p.add_argument("--memory-cap", default=None, help="each peer offers at most this much memory, e.g. 300M")
+    p.add_argument("--adapter", default=None, metavar="PATH", help="with --serve: merge this LoRA adapter")
     p.add_argument("--name", default="volunteer")
     return p
 
@@ -354,12 +355,12 @@ class GradientMagics(Magics):
             only this machine can join, unless --host 0.0.0.0 (or an address of this machine) opens it
             to others: then the URL they join with is shown (set --secret too). --ephemeral uses a
             throwaway identity instead of your persistent key.
-        %mesh spawn N [--serve MODEL] [--layers S:E,S:E,...] [--memory-cap SIZE] [--name PREFIX]
+        %mesh spawn N [--serve MODEL] [--layers S:E,S:E,...] [--memory-cap SIZE] [--adapter PATH] [--name PREFIX]
             Start N headless peers on this machine (`gradient-nb peer` processes) that join this
             kernel's mesh; with --serve they serve MODEL ('default': the bundled model), each holding
             the layers the coordinator gives it (or --layers, one range per peer; --memory-cap makes
-            each offer less memory, so that the model is split). They stop with %mesh leave, or when
-            the kernel exits.
+            each offer less memory, so that the model is split; --adapter PATH merges a LoRA adapter
+            into the layers each serves). They stop with %mesh leave, or when the kernel exits.
         %mesh status      the peers and links of the mesh, as a table
         %mesh watch       live widgets: the topology and the peer table
         %mesh leave       leave the mesh (stops serving and the spawned peers first)
@@ -472,6 +473,18 @@ class GradientMagics(Magics):
             except SystemExit as exc:
                 raise UsageError(f"%mesh spawn: {exc}") from None
             extra = ["--memory-cap", ns.memory_cap]
+        if ns.adapter:
+            from pathlib import Path
+
+            from ..models.adapter import AdapterError, load_adapter
+
+            if not ns.serve:
+                raise UsageError("%mesh spawn: --adapter needs --serve")
+            try:
+                load_adapter(ns.adapter)  # a bad folder is said here, not in a peer's log
+            except (OSError, AdapterError) as exc:
+                raise UsageError(f"%mesh spawn: adapter {ns.adapter}: {exc}") from None
+            extra += ["--adapter", str(Path(ns.adapter).expanduser().resolve())]
         if s.mesh is None and s._join_task is None:
             raise UsageError(NOT_JOINED)
         out = widgets.HTML(_status(f"starting {ns.count} local peer{'s' * (ns.count > 1)}…"))

@@ -32,8 +32,9 @@ The session is a small state machine, and every failure leaves it in one of its 
   merged into this kernel's layers. It is checked first like the rest (the folder, the safetensors, and
   every matrix's shape against the model's weights), and requests from this kernel then route only
   through peers that serve the same adapter (``rl.sampler.AdapterGuard``): this kernel, and peers
-  started with ``gradient-nb peer --serve MODEL --adapter PATH``, so no answer mixes adapted and base
-  layers. Verification is off for them (the verifier recomputes with the base weights);
+  started with ``gradient-nb peer --serve MODEL --adapter PATH`` (``%mesh spawn N --serve MODEL
+  --adapter PATH``), so no answer mixes adapted and base layers; without one, they avoid peers serving
+  an adapter. Verification is off for them (the verifier recomputes with the base weights);
 - any → ``leave`` → *not joined*, with every task, local peer and monitor of the session stopped.
 
 Expected failures (not joined yet, no route, a config the model refuses) are :class:`SessionError` exceptions:
@@ -574,12 +575,12 @@ class NotebookSession:
                         await self.engine.aclose()  # its mesh is gone; a model switch lets old requests end
                 self.engine = await asyncio.to_thread(MeshEngine, mesh, model)
                 self._engine_adapter = None if adapter is False else adapter
-                if self._engine_adapter is None:
-                    attach_verification(self.engine)
-                else:  # the verifier recomputes with the base weights: adapted answers are not comparable
-                    from ..rl.sampler import AdapterGuard
+                from ..rl.sampler import AdapterGuard
 
-                    self.engine.observers.append(AdapterGuard(mesh, self._engine_adapter))
+                # Only through peers serving this adapter (None: through none serving an adapter).
+                self.engine.observers.append(AdapterGuard(mesh, self._engine_adapter))
+                if self._engine_adapter is None:  # the verifier recomputes with the base weights
+                    attach_verification(self.engine)
         return self.engine
 
     def _names(self) -> dict[str, str]:

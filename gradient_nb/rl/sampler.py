@@ -196,11 +196,13 @@ def attach_sampler(server: Any, *, adapter: str | Path | None = None, lease_s: f
 class AdapterGuard:
     """A ``RequestObserver`` on an entry that serves the fixed adapter ``adapter_id``: routing avoids every
     serving peer whose ``echo`` record does not say it serves that adapter now (a peer of the base model,
-    another adapter, or one a trainer's run holds), so no request mixes the adapter's layers with others."""
+    another adapter, or one a trainer's run holds), so no request mixes the adapter's layers with others.
+    With ``adapter_id=None`` (an entry of the base model) it avoids the peers that serve a fixed adapter.
+    (Peers a trainer's run holds serve its current policy to a base entry, as the README says.)"""
 
     name = "adapter"
 
-    def __init__(self, mesh: Any, adapter_id: str) -> None:
+    def __init__(self, mesh: Any, adapter_id: str | None) -> None:
         self.mesh = mesh
         self.adapter_id = adapter_id
 
@@ -208,7 +210,8 @@ class AdapterGuard:
         out = set()
         for pid, rec in self.mesh.state.peers().items():  # this peer's own record included
             echo = rec.get("echo") if isinstance(rec, dict) else None
-            if not (isinstance(echo, dict) and echo.get("adapter_id") == self.adapter_id):
+            served = echo.get("adapter_id") if isinstance(echo, dict) else None
+            if served != self.adapter_id and (self.adapter_id is not None or served is not None):
                 out.add(pid)
         return out
 

@@ -58,7 +58,7 @@ class Events:
 
 
 def _config(tmp_path: Path, warm: Path, **kw: Any) -> Path:
-    cfg = {"task": "format", "mode": "sequential", "model": str(warm), "num_generations": 4, "max_tokens": 12,
+    cfg = {"task": "format", "mode": "sequential", "model": str(warm), "num_generations": 4, "max_tokens": 8,
            "sync_deadline_s": 10, **kw}
     path = tmp_path / "echo.yaml"
     path.write_text("".join(f"{k}: {v}\n" for k, v in cfg.items()))
@@ -112,9 +112,9 @@ async def test_kill_a_sampler_mid_rollout_then_the_trainer(warm: Path, tmp_path:
         # Mid-rollout: a step has just ended, so the next batch is being synced and sampled (most of a step:
         # a training step on this model takes a tenth of a rollout).
         volunteers[0].send_signal(signal.SIGKILL)
-        after = [await asyncio.to_thread(events.next, "step") for _ in range(3)]
+        after = [await asyncio.to_thread(events.next, "step") for _ in range(2)]
         assert all(e["samples"] == generations for e in after), after  # full batches, from the sampler left
-        assert len({e["version"] for e in after}) == 3  # each one a new version, trained on
+        assert len({e["version"] for e in after}) == 2  # each one a new version, trained on
 
         trainer_tree = [psutil.Process(trainer.pid), *psutil.Process(trainer.pid).children(recursive=True)]
         trainer.send_signal(signal.SIGKILL)

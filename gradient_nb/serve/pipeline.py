@@ -170,7 +170,8 @@ class MeshEngine:
         self.forwarding = True  # stage to stage (N + 1 messages a step); False: the star (2N)
         self.micro_batches: int | None = None  # pipelining; None: micro_batches_for decides
         self._star_until: dict[tuple, float] = {}  # chains whose stages could not link: star until then
-        self.unlinked: dict[tuple, str] = {}  # those chains (peer, start, end per stage): why, as the stage said
+        # Those chains (peer, start, end per stage) while they are served as a star: why, as the stage said.
+        self.unlinked: dict[tuple, str] = {}
         self.step_calls = {"chain": 0, "star": 0}  # batches sent each way
         # Per stage (peer, start, end): its compute per decode step, ms (moving average), as it reports it.
         self.stage_compute_ms: dict[tuple[str, int, int], float] = {}
@@ -233,7 +234,11 @@ class MeshEngine:
 
     def forwards(self, chain: list[Stage]) -> bool:
         """Whether a step on ``chain`` goes stage to stage (else the entry calls each stage: the star)."""
-        return self.forwarding and len(chain) > 1 and self._star_until.get(_chain_key(chain), 0) < time.monotonic()
+        key = _chain_key(chain)
+        if key in self._star_until and self._star_until[key] < time.monotonic():  # its star time is over
+            del self._star_until[key]
+            self.unlinked.pop(key, None)
+        return self.forwarding and len(chain) > 1 and key not in self._star_until
 
     async def _run_batch(self, chain: list[Stage], batch: list[_Pending]) -> None:
         """One step of every request in ``batch`` through ``chain``: one call per stage carries them all,

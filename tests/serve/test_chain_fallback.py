@@ -42,15 +42,17 @@ async def _entry(url: str, stun: str, ids: list[int]) -> None:
     from gradient_nb.mesh.ice import IceConfig
     from gradient_nb.mesh.identity import Identity
     from gradient_nb.mesh.peer import join
-    from gradient_nb.serve.cluster import wait_ready
-    from gradient_nb.serve.pipeline import MeshEngine
-    from gradient_nb.serve.sampling import SamplingParams
 
     t0 = time.monotonic()
     mesh = await join(url, name="entry", identity=Identity.generate(), ice=IceConfig(stun=stun),
                       heartbeat=0.5, peer_timeout=3.0, probe_seconds=0.05)
     try:
         _say(event="joined", peer_id=mesh.id, s=round(time.monotonic() - t0, 1))
+        # Imported once joined: the serving peers start as soon as the entry is in (torch takes seconds).
+        from gradient_nb.serve.cluster import wait_ready
+        from gradient_nb.serve.pipeline import MeshEngine
+        from gradient_nb.serve.sampling import SamplingParams
+
         engine = await asyncio.to_thread(MeshEngine, mesh)
         await wait_ready(mesh, engine, len(LAYERS), 60)
         chain = engine.current_route()

@@ -44,6 +44,18 @@ class Events:
                 self.lines.put(json.loads(line))
         self.lines.put(None)
 
+    def drain(self) -> None:
+        """Take what was printed so far, so that ``next`` waits for a new event."""
+        while True:
+            try:
+                e = self.lines.get_nowait()
+            except queue.Empty:
+                return
+            if e is None:
+                self.lines.put(None)
+                return
+            self.seen.append(e)
+
     def next(self, event: str, timeout: float = EVENT_TIMEOUT) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
@@ -111,6 +123,8 @@ async def test_kill_a_sampler_mid_rollout_then_the_trainer(warm: Path, tmp_path:
                     "the volunteers never said they sample for the trainer")
         # Mid-rollout: a step has just ended, so the next batch is being synced and sampled (most of a step:
         # a training step on this model takes a tenth of a rollout).
+        events.drain()
+        await asyncio.to_thread(events.next, "step")
         volunteers[0].send_signal(signal.SIGKILL)
         after = [await asyncio.to_thread(events.next, "step") for _ in range(2)]
         assert all(e["samples"] == generations for e in after), after  # full batches, from the sampler left

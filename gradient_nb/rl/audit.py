@@ -147,10 +147,10 @@ class RolloutAuditor:
         report = AuditReport()
         taken = [(r, None if r.seed is None else self._records.pop(r.seed & MAX_SEED, None))
                  for g in groups for r in g.rollouts]
-        peers_of = {id(r): ({s.peer for s in rec[0].stages.values()} if rec else set()) for r, rec in taken}
-        for r, _ in taken:
-            if peers_of[id(r)]:
-                r.sampler = ",".join(sorted(p[:8] for p in peers_of[id(r)]))
+        for r, rec in taken:
+            if rec is not None:
+                r.peers = tuple(sorted({s.peer for s in rec[0].stages.values()}))
+                r.sampler = ",".join(p[:8] for p in r.peers)
         # A rollout the engine kept no record of (it drew no token) has nothing to audit and no one to blame.
         chosen = [(r, rec) for r, rec in taken if rec is not None and self._draw()]
         for _, (_, dropped) in chosen:
@@ -172,16 +172,18 @@ class RolloutAuditor:
                     report.newly_excluded.append(v.peer)
                     log.warning("sampler %s failed a rollout audit (%s): its rollouts are dropped and it is "
                                 "excluded", v.peer[:8], v.reason)
-        keep = []
-        for g in groups:
-            if any(peers_of[id(r)] & set(self.excluded) for r in g.rollouts):
-                report.dropped += len(g.rollouts)
-            else:
-                keep.append(g)
+        keep, report.dropped = self.screen(groups)
         self.audited += report.audited
         self.failed += report.failed
-        self.dropped += report.dropped
         return keep, report
+
+    def screen(self, groups: list[Group]) -> tuple[list[Group], int]:
+        """The groups without a rollout from an excluded sampler, and how many rollouts were dropped (async
+        mode screens a buffered batch again when it is taken: its sampler may have been caught since)."""
+        keep = [g for g in groups if not any(set(r.peers) & set(self.excluded) for r in g.rollouts)]
+        dropped = sum(len(g.rollouts) for g in groups) - sum(len(g.rollouts) for g in keep)
+        self.dropped += dropped
+        return keep, dropped
 
     def _adapter(self, version: int) -> LoraAdapter:
         if version not in self._adapters:

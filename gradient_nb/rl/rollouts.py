@@ -44,6 +44,7 @@ class Rollout:
     text: str = ""
     sampler: str = ""  # who produced it: "local" or the peer ids of the chain
     seed: int | None = None  # its sampling seed (unique to it): how an audit finds its stages' commitments
+    peers: tuple[str, ...] = ()  # the ids of the peers that served it (set by the audit)
 
 
 @dataclass

@@ -516,6 +516,13 @@ class EchoRun:
                         raise failed[0].exception()  # a producer's loud failure ends the run loudly
                     raise RolloutTimeout(f"no rollout batch within {self.cfg.rollout_deadline_s:.0f} s")
                 groups, info = getter.result()
+                if self.auditor is not None:  # its sampler may have failed an audit since it was sampled
+                    groups, dropped = self.auditor.screen(groups)
+                    self.state.dropped_untrusted += dropped
+                    info["dropped_untrusted"] += dropped
+                    info["samples"] = sum(len(g.rollouts) for g in groups)
+                    if not groups:
+                        continue
                 lag = self.admit(groups)
                 if lag is None:
                     continue

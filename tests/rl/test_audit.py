@@ -4,7 +4,8 @@ Three serving peers on an in-process mesh (real rendezvous, links, RPC, commitme
 of the warm tiny model; one adds noise to one layer's weights when it loads (what a volunteer who serves
 a tampered model does). With every rollout audited, its rollouts are caught and dropped, it is excluded,
 the honest samplers' rollouts all pass, and training goes on. In a pipeline, the cheating stage alone is
-blamed: the honest stage after it is re-computed from the very hidden states it was given.
+blamed (async mode there): the honest stage after it is re-computed from the very hidden states it was
+given.
 """
 
 from __future__ import annotations
@@ -76,13 +77,14 @@ async def test_in_a_pipeline_only_the_cheating_stage_is_blamed(warm: Path, swarm
 
     async with swarm(warm, 3, lease_s=60, setup=cheat_second, layers=[(0, 2), (0, 2), (2, 4)]) as sw:
         cheat, downstream = sw.samplers[1][0].id, sw.samplers[2][0].id
-        cfg = EchoConfig(task={"name": "format", "min_len": 4, "max_len": 4}, model=str(warm), mode="sequential",
+        cfg = EchoConfig(task={"name": "format", "min_len": 4, "max_len": 4}, model=str(warm), mode="async",
                          steps=2, num_generations=4, prompts_per_step=2, max_tokens=8, seed=2, audit_fraction=1.0)
         run = EchoRun(cfg, mesh=sw.mesh, engine=sw.engine)
         state = await run.run()
         verdicts = list(run.auditor.verdicts)
         summary = [(v.peer[:8], v.start, v.end, v.status, round(v.max_err, 6)) for v in verdicts]
         assert state.status == "done" and set(state.excluded_samplers) == {cheat}, (state.error, summary)
+        assert len(state.metrics) == 2 and all(m["samples"] == 8 for m in state.metrics)
         assert any(not v.ok for v in verdicts if v.peer == cheat)
         assert all(v.ok for v in verdicts if v.peer != cheat), summary
         # Rollouts through the cheat whose downstream stage, fed the cheat's hidden states, still passed.

@@ -37,7 +37,6 @@ its decoding (the trainer teacher-forces every rollout anyway).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections import OrderedDict, deque
@@ -153,9 +152,9 @@ class RolloutAuditor:
                 r.sampler = ",".join(p[:8] for p in r.peers)
         # A rollout the engine kept no record of (it drew no token) has nothing to audit and no one to blame.
         chosen = [(r, rec) for r, rec in taken if rec is not None and self._draw()]
-        for _, (_, dropped) in chosen:
-            with contextlib.suppress(Exception):  # a drop that failed leaves its stage incomplete (not judged)
-                await asyncio.wait_for(asyncio.shield(dropped), DROP_WAIT_S)
+        drops = [dropped for _, (_, dropped) in chosen]
+        if drops:  # the tail commitments come with the shard.drop replies; a drop that failed leaves its
+            await asyncio.wait(drops, timeout=DROP_WAIT_S)  # stage incomplete, and it is not judged
         for r, (audit, _) in chosen:
             verdicts = await asyncio.to_thread(self._audit_rollout, r, audit)
             report.audited += 1

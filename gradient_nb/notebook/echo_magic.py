@@ -14,6 +14,7 @@ in a cell waits for the run to end.
 from __future__ import annotations
 
 import asyncio
+import html
 import shlex
 from typing import Any
 
@@ -34,9 +35,22 @@ SAMPLERS_TIMEOUT = 300.0  # s: for the samplers to serve the model (a first load
 
 
 class EchoWidget:
-    """A plotly FigureWidget with one panel per metric, updated after every step."""
+    """A status line and a plotly FigureWidget with one panel per metric, updated after every step.
+
+    The figure comes a moment after the cell returned (``prepare``): a kernel's first plotly FigureWidget
+    costs seconds (plotly's import and its JavaScript bundle), which the cell need not wait for."""
 
     def __init__(self) -> None:
+        import ipywidgets as widgets
+
+        self.status = widgets.HTML("<b>echo</b>: starting…")
+        self.box = widgets.VBox([self.status])
+        self.figure: Any = None
+
+    async def prepare(self) -> None:
+        from .monitor import _import_plotly
+
+        await asyncio.to_thread(_import_plotly)  # the slow, thread-safe part; widgets are made on the loop
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
@@ -47,8 +61,17 @@ class EchoWidget:
                           row=i // 4 + 1, col=i % 4 + 1)
         fig.update_layout(height=420, showlegend=False, margin={"t": 40, "b": 20, "l": 30, "r": 10})
         self.figure = go.FigureWidget(fig)
+        self.box.children = (self.status, self.figure)
 
-    def update(self, metrics: list[dict[str, Any]]) -> None:
+    def say(self, text: str, error: bool = False) -> None:
+        body = f"<span style='color:#c62828'>{html.escape(text)}</span>" if error else html.escape(text)
+        self.status.value = f"<b>echo</b>: {body}"
+
+    def update(self, metrics: list[dict[str, Any]], steps_total: int) -> None:
+        last = metrics[-1]
+        self.say(f"step {last['step']} of {steps_total}, reward {last.get('reward_mean', 0.0):.3f}")
+        if self.figure is None:
+            return
         steps = [m["step"] for m in metrics]
         with self.figure.batch_update():
             for trace, (key, _) in zip(self.figure.data, PLOTS, strict=True):
@@ -65,7 +88,24 @@ def metrics_frame(run: EchoRun) -> Any:
     return pl.DataFrame(run.state.metrics)
 
 
-async def _train(cfg: EchoConfig, widget: EchoWidget | None) -> None:
+async def _train(cfg: EchoConfig, widget: EchoWidget) -> None:
+    try:
+        await widget.prepare()  # a few seconds, while spawned samplers load the model anyway
+        await _run(cfg, widget)
+    except asyncio.CancelledError:
+        widget.say("stopped")
+        raise
+    except Exception as exc:
+        from .magics import short_message
+
+        widget.say(f"failed: {short_message(exc) or f'{type(exc).__name__}: {exc}'}", error=True)
+        raise
+    state = _RUN["run"].state
+    widget.say(f"{state.status} after {len(state.metrics)} steps" + (
+        f", reward {state.metrics[-1]['reward_mean']:.3f}" if state.metrics else ""))
+
+
+async def _run(cfg: EchoConfig, widget: EchoWidget) -> None:
     session = current()
     engine = None
     try:
@@ -80,13 +120,14 @@ async def _train(cfg: EchoConfig, widget: EchoWidget | None) -> None:
             # Until the samplers asked for (at least one) serve the model: spawned peers may still be loading.
             want = cfg.samplers if isinstance(cfg.samplers, int) and not isinstance(cfg.samplers, bool) else \
                 len(cfg.samplers) if isinstance(cfg.samplers, list) else 1
+            widget.say(f"waiting for {max(1, want)} sampler(s) to serve {engine.model_name}")
             await wait_ready(mesh, engine, max(1, want), SAMPLERS_TIMEOUT)
             run = await asyncio.to_thread(EchoRun, cfg, mesh=mesh, engine=engine)
         else:
             run = await asyncio.to_thread(EchoRun, cfg)
         _RUN["run"] = run
-        if widget is not None:
-            run.on_step = lambda _m: widget.update(run.state.metrics)
+        widget.say(f"training ({cfg.mode}, {cfg.steps} steps)")
+        run.on_step = lambda _m: widget.update(run.state.metrics, cfg.steps)
         await run.run()
     finally:
         if engine is not None:
@@ -144,7 +185,7 @@ class EchoMagics(Magics):
                                  "samplers (%mesh spawn N --serve MODEL, or volunteers' gradient-nb peer "
                                  "--serve), or use mode: colocated")
             widget = EchoWidget()
-            display(widget.figure)
+            display(widget.box)
             _RUN.pop("run", None)
             _RUN["cfg"] = cfg
             _RUN["task"] = session.spawn(_train(cfg, widget), "echo-train")

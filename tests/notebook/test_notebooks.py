@@ -123,6 +123,8 @@ def check_echo(nb: Any) -> None:
     figs = [s for s in widget_states(nb).values() if "FigureWidget" in str(s.get("_anywidget_id"))]
     assert len(figs) == 1 and [t["name"] for t in figs[0]["_widget_data"]][:2] == ["reward_mean", "kl"], figs
     assert int(figs[0]["_last_trace_edit_id"]) >= 12, figs[0]["_last_trace_edit_id"]
+    htmls = [s.get("value", "") for s in widget_states(nb).values() if s.get("_model_name") == "HTMLModel"]
+    assert any("echo</b>: done after 12 steps, reward" in v for v in htmls), htmls
     # The trained adapter, served by the kernel alone (the sampler serves the base), answered.
     assert "answer>" in outputs_text(cell_with(nb, "await nb.ask("))
     assert "{'joined': False}" in outputs_text(nb.cells[-1])

@@ -57,7 +57,7 @@ from .rollouts import Group, Rollout
 
 log = logging.getLogger(__name__)
 
-MAX_RECORDS = 4096  # rollouts whose stages are kept until audited (a batch is far fewer)
+MAX_RECORDS = 4096  # requests whose stages are kept until their batch is audited (a batch is far fewer)
 DROP_WAIT_S = 10.0  # how long an audit waits for a rollout's tail commitments (the shard.drop replies)
 _SCALE = 1 << 53
 
@@ -146,6 +146,9 @@ class RolloutAuditor:
         report = AuditReport()
         taken = [(r, None if r.seed is None else self._records.pop(r.seed & MAX_SEED, None))
                  for g in groups for r in g.rollouts]
+        # One batch is sampled at a time: what is left are requests of no batch trained on (a batch dropped
+        # for mixed versions, other users of the engine). Their stage inputs are released here.
+        self._records.clear()
         for r, rec in taken:
             if rec is not None:
                 r.peers = tuple(sorted({s.peer for s in rec[0].stages.values()}))

@@ -127,10 +127,9 @@ def test_a_run_spec_takes_memory() -> None:
             parse_run(body)
 
 
-def _entry(identity: Identity, family: str, text: str, origin: str = "", gain: int = 1) -> Any:
+def _entry(identity: Identity, family: str, text: str, origin: str = "") -> Any:
     tasks = [{"task": f"t{i}", "truth": str(i)} for i in range(2)]
-    with_ = [str(i) if i < gain else None for i in range(2)]
-    rep = Replay({"name": "x"}, "m", "0" * 64, 0, tasks, [None, None], with_, 0.0, gain / 2)
+    rep = Replay({"name": "x"}, "m", "0" * 64, 0, tasks, [None, None], ["0", "1"], 0.0, 1.0)
     return check_entry(entry_record(identity, Item("example", family, text, origin=origin), rep), identity.peer_id)
 
 

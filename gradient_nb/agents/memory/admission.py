@@ -2,8 +2,10 @@
 
 **The rule.** A candidate item is admitted only if an A/B replay says it helps: the solver answers the
 item's origin task and a few held-back neighbours of the same family twice, without and with the item
-in its prompt, with greedy decoding and a fixed seed; the item is admitted iff the score with it is
-strictly higher. The replay record (solver descriptor, model name and weights hash, seed, tasks with
+in its prompt, with greedy decoding and a fixed seed; the item is admitted iff it scores strictly
+higher *on the held-back neighbours* (the origin task is replayed and recorded too, but an item distilled
+from a task carries that task's answer, so a gain there proves nothing: the first bench run admitted
+conversion examples on exactly that, and they then hurt the test tasks). The replay record (solver descriptor, model name and weights hash, seed, tasks with
 their exact answers, both answer lists and scores) is signed with the item (``records.entry_record``).
 
 **The solver** (:class:`ToolCallSolver`) is the agents' tool-using worker reduced to one step, so a
@@ -156,7 +158,7 @@ class Verdict:
 
     @property
     def gain(self) -> float:
-        return self.replay.score_with - self.replay.score_without
+        return self.replay.held_gain()
 
 
 async def replay(solver: ToolCallSolver, tasks: Sequence[dict[str, str]], item: Item | None,
@@ -174,13 +176,14 @@ async def replay(solver: ToolCallSolver, tasks: Sequence[dict[str, str]], item: 
 async def admit(solver: ToolCallSolver, identity: Identity, item: Item, tasks: Sequence[dict[str, str]],
                 *, min_gain: float = 0.0) -> Verdict:
     """The A/B admission test of ``item`` on ``tasks`` (its origin first, then held-back neighbours).
-    Admitted iff ``score_with - score_without > min_gain``; the signed record comes with it."""
+    Admitted iff the gain on the neighbours (``Replay.held_gain``) is above ``min_gain`` (>= 0); the
+    signed record comes with it."""
     tasks = [{"task": str(t["task"]), "truth": str(t["truth"])} for t in tasks]
     without, s0, n0 = await replay(solver, tasks, None)
     with_, s1, n1 = await replay(solver, tasks, item)
     rec = Replay(solver.descriptor(), solver.model, solver.model_hash, solver.seed, tasks, without, with_, s0, s1,
                  n0, n1)
-    ok = s1 - s0 > min_gain
+    ok = rec.held_gain() > max(0.0, min_gain)
     return Verdict(ok, item, rec, entry_record(identity, item, rec) if ok else None)
 
 

@@ -14,7 +14,7 @@ per-owner signature says who wrote the slot; the record's own signature travels 
 
 :func:`check_entry` is what every reader runs before it believes an entry; it re-derives everything the
 record claims that can be derived without a model: the signature and signer, the id from the item, the
-scores from the answers and the truths, and the admission rule itself (``score_with > score_without``).
+scores from the answers and the truths, and the admission rule itself (a gain on the held-back tasks).
 Whether the answers are what the model really gives is checked by re-running it
 (:func:`gradient_nb.agents.memory.admission.verify_entry`).
 """
@@ -108,6 +108,14 @@ class Replay:
     def payload(self) -> dict[str, Any]:
         return dict(vars(self))
 
+    def held_gain(self) -> float:
+        """The gain on the held-back neighbours (``tasks[1:]``): what admission is decided on. The origin
+        task alone would leak: an item distilled from a task carries that task's answer."""
+        if len(self.tasks) == 1:
+            return float(self.score_with) - float(self.score_without)
+        truths = [t["truth"] for t in self.tasks[1:]]
+        return score(self.answers_with[1:], truths) - score(self.answers_without[1:], truths)
+
     @classmethod
     def from_payload(cls, p: Any) -> Replay:
         if not isinstance(p, dict):
@@ -150,7 +158,7 @@ class Entry:
 
     @property
     def gain(self) -> float:
-        return self.replay.score_with - self.replay.score_without
+        return self.replay.held_gain()
 
 
 def entry_record(identity: Identity, item: Item, replay: Replay) -> dict[str, Any]:
@@ -174,6 +182,6 @@ def check_entry(record: Any, owner: str | None = None, *, name: str | None = Non
     if (abs(score(replay.answers_with, truths) - float(replay.score_with)) > 1e-9
             or abs(score(replay.answers_without, truths) - float(replay.score_without)) > 1e-9):
         raise SignatureInvalid("the replay's scores are not what its answers score")
-    if not replay.score_with > replay.score_without:
-        raise SignatureInvalid("the replay shows no gain: the item was not admissible")
+    if not replay.held_gain() > 0:
+        raise SignatureInvalid("the replay shows no gain on the held-back tasks: the item was not admissible")
     return Entry(item, replay, str(payload["peer_id"]), float(payload.get("ts", 0.0)), record)

@@ -1,11 +1,12 @@
 """One data-parallel trainer rank for tests/rl/test_distributed.py (run as a script, one process a rank).
 
-    python dist_worker.py MODEL INIT_METHOD WORLD RANK OUT
+    python dist_worker.py MODEL INIT_METHOD INIT_METHOD_2 WORLD RANK OUT
 
-Every rank computes its share's all-reduced LoRA gradients on a fixed batch. Then rank 0 trains one step
-on the whole batch (handing it out), writes its gradients and updated adapter to OUT/rank0.safetensors
-and kills itself; rank 1 follows as an ``EchoRun`` does for a rank > 0, and once rank 0 is gone must fail
-with TrainerLost (exit code 3, after writing OUT/rank1.safetensors) instead of waiting forever.
+Every rank computes its share's all-reduced LoRA gradients on a fixed batch. Rank 0 then trains one step
+on the whole batch (handing it out) and stops the group; rank 1 follows as an ``EchoRun`` does for a
+rank > 0 and must end "done" when told to stop. Each writes its gradients and updated adapter to
+OUT/rank{R}.safetensors. Then both join a second group, rank 0 kills itself, and rank 1 must fail with
+TrainerLost (exit code 3) instead of waiting for a batch forever.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def config(model: str, **kw):
 
 
 def main() -> int:
-    model, init, world, rank, out = sys.argv[1:6]
+    model, init, init2, world, rank, out = sys.argv[1:7]
     world, rank = int(world), int(rank)
     torch.set_num_threads(1)
     from safetensors.torch import save_file
@@ -56,22 +57,23 @@ def main() -> int:
     trainer = DistributedTrainer(config(model, world_size=world, rank=rank, init_method=init, dist_timeout_s=30))
     groups = fixed_groups(trainer.policy.tokenizer)
     grads = trainer.gradients(share(groups, rank, world))
-    tensors = {f"grad.{k}": v for k, v in grads.items()}
-
-    def save() -> None:
-        tensors.update({f"adapter.{k}": v for k, v in trainer.policy.adapter_state().items()})
-        save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
-
     if rank == 0:
         trainer.train_step(groups)
-        save()
+        trainer.close()  # what EchoRun does when its steps are done: the others stop
+    else:
+        state = asyncio.run(EchoRun(trainer.cfg, trainer).run())
+        print(f"follower {state.status} after {trainer.policy.version} step(s)", flush=True)
+    tensors = {f"grad.{k}": v for k, v in grads.items()}
+    tensors.update({f"adapter.{k}": v for k, v in trainer.policy.adapter_state().items()})
+    save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
+
+    again = DistributedTrainer(config(model, world_size=world, rank=rank, init_method=init2, dist_timeout_s=30))
+    if rank == 0:
         os.kill(os.getpid(), signal.SIGKILL)
-    run = EchoRun(trainer.cfg, trainer)
     try:
-        asyncio.run(run.run())
+        asyncio.run(EchoRun(again.cfg, again).run())
     except TrainerLost as exc:
-        save()
-        print(f"TrainerLost after {trainer.policy.version} step(s): {exc}", flush=True)
+        print(f"TrainerLost: {exc}", flush=True)
         return 3
     return 0
 

@@ -1,8 +1,9 @@
 """Data-parallel trainers through torch.distributed (gloo, CPU): two real trainer processes.
 
 On the same fixed batch, two ranks (each a share of whole groups) give the LoRA gradients and the
-updated adapter of one trainer on the combined batch; then rank 0 dies, and rank 1 (following it as an
-EchoRun) fails loudly (TrainerLost) instead of waiting for a batch forever.
+updated adapter of one trainer on the combined batch, and rank 1 (following as an EchoRun) stops when
+rank 0 does; then, in a second group, rank 0 dies, and rank 1 fails loudly (TrainerLost) instead of
+waiting for a batch forever.
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def _init_method() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+def _init_methods(n: int) -> list[str]:
+    """``n`` distinct free loopback ports (held together while chosen, so they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _ranks(tiny: Path, out: Path) -> list[subprocess.CompletedProcess]:
-    init = _init_method()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tiny), init, "2", str(r), str(out)],
+    init, init2 = _init_methods(2)
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tiny), init, init2, "2", str(r), str(out)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     done = []
     try:
@@ -50,8 +57,9 @@ def test_two_ranks_equal_one_trainer_on_the_combined_batch_and_a_dead_rank_fails
     from gradient_nb.rl.trainer import Trainer
 
     rank0, rank1 = _ranks(tiny, tmp_path)
-    assert rank0.returncode == -9, rank0.stdout[-2000:]  # it killed itself after its step
-    assert rank1.returncode == 3 and "TrainerLost after 1 step" in rank1.stdout, rank1.stdout[-2000:]
+    assert rank0.returncode == -9, rank0.stdout[-2000:]  # it killed itself in the second group
+    assert "follower done after 1 step(s)" in rank1.stdout, rank1.stdout[-2000:]
+    assert rank1.returncode == 3 and "TrainerLost" in rank1.stdout, rank1.stdout[-2000:]
     one = Trainer(config(str(tiny)))
     groups = fixed_groups(one.policy.tokenizer)
     grads = one.gradients(groups)

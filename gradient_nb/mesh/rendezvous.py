@@ -35,6 +35,7 @@ from aiohttp import WSMsgType, web
 
 from .identity import peer_id_of, verify_signature
 from .state import STALE_AFTER_S, Replica
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class Rendezvous:
         self.secret = secret if secret is not None else os.environ.get("GRADIENT_NB_SECRET") or None
         self._meshes: dict[str, _Mesh] = {}
         self._gc_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
         self._runner: web.AppRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
         self.refused = 0
@@ -126,6 +128,11 @@ class Rendezvous:
         log.info("rendezvous listening on %s", self.url)
         return self
 
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def stop(self) -> None:
         for ws in list(self._sockets):
             with contextlib.suppress(Exception):
@@ -133,10 +140,9 @@ class Rendezvous:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self._gc_task is not None:
-            self._gc_task.cancel()
-            await asyncio.gather(self._gc_task, return_exceptions=True)
-            self._gc_task = None
+        for task in [self._gc_task, *self._tasks]:
+            await cancel_and_wait(task)
+        self._gc_task = None
 
     async def _forget_loop(self) -> None:
         """Forget the records of owners long silent, and the meshes nobody is in any more."""
@@ -225,13 +231,14 @@ class Rendezvous:
             await self._relay(ws, mesh, peer_id, channel)
         finally:
             channel.close()
-            room_task.cancel()
-            with contextlib.suppress(BaseException):
-                await room_task
+            # The departure is recorded before anything awaits, and told to the others by a task of the
+            # rendezvous: aiohttp may cancel this handler when the peer goes, and a cancelled handler must
+            # still leave no stale entry behind (signals would be relayed to a dead socket).
             if mesh.peers.get(peer_id) is ws:
                 del mesh.peers[peer_id]
                 mesh.names.pop(peer_id, None)
-                await self._broadcast(mesh, {"t": "left", "peer": peer_id})
+                self._spawn(self._broadcast(mesh, {"t": "left", "peer": peer_id}), f"left-{peer_id[:8]}")
+            await cancel_and_wait(room_task)
         return ws
 
     async def _relay(self, ws: web.WebSocketResponse, mesh: _Mesh, peer_id: str,

@@ -43,6 +43,7 @@ import torch
 from ..mesh.errors import MeshError
 from ..mesh.frames import Message
 from ..mesh.peer import Mesh
+from ..mesh.tasks import cancel_and_wait
 from ..models.loader import ShardModel, load_shard
 from ..serve.coordinator import accepted_precisions, precision_of
 from ..serve.node import forward_one
@@ -396,10 +397,7 @@ class VerifyManager:
 
     async def aclose(self) -> None:
         for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await t
+            await cancel_and_wait(t)
 
 
 def _log_failure(task: asyncio.Task) -> None:

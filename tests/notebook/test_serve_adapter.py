@@ -19,6 +19,7 @@ from IPython.core.error import UsageError
 from gradient_nb.models.loader import load_tokenizer
 from gradient_nb.notebook.magics import parse_serve_config
 from gradient_nb.notebook.session import BadServeConfig, NotebookSession
+from gradient_nb.rl.policy import Policy
 from gradient_nb.rl.sampler import AdapterGuard
 from gradient_nb.rl.trainer import EchoConfig, EchoRun
 from gradient_nb.serve.sampling import SamplingParams
@@ -92,7 +93,7 @@ async def test_serve_a_trained_adapter(tmp_path: Path) -> None:
         [volunteer] = s.spawn_local_peers(1, serve=str(tiny), layers=[(2, 4)], extra=["--adapter", str(saved)])
         other = tiny_char_model(tmp_path / "wider", hidden=96)  # same layer names, other shapes
         other_saved = tmp_path / "other-adapter"
-        await EchoRun(EchoConfig(**{**cfg.__dict__, "model": str(other), "steps": 1, "save": str(other_saved)})).run()
+        Policy(other, r=4, lora_alpha=8).save(other_saved)
         broken = tmp_path / "broken"
         broken.mkdir()
         (broken / "adapter_config.json").write_text((saved / "adapter_config.json").read_text())

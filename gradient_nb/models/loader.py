@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -381,6 +382,13 @@ class ShardModel(nn.Module):
         return total
 
 
+# accelerate's init_empty_weights patches nn.Module.register_parameter for the whole process while a
+# skeleton is built, so a module made on another thread meanwhile (the coordinator's throughput probe)
+# would get meta weights ("Cannot copy out of meta tensor"). Code that builds real modules while a load
+# may run beside it takes this lock.
+SKELETON_LOCK = threading.Lock()
+
+
 def load_shard(path: str | os.PathLike[str], start: int, end: int, *, dtype: torch.dtype = torch.float32,
                quantization: str | None = None, device: str | torch.device = "cpu",
                progress: bool = False) -> ShardModel:
@@ -400,7 +408,7 @@ def load_shard(path: str | os.PathLike[str], start: int, end: int, *, dtype: tor
         raise ValueError(f"quantization must be None, 'int8' or 'nf4', not {quantization!r}")
     config._attn_implementation = "sdpa"
     # Buffers (rotary inv_freq) stay real: they are computed from the config, not read from the file.
-    with init_empty_weights(include_buffers=False):
+    with SKELETON_LOCK, init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     first, last = start == 0, end == n
     tied = bool(getattr(config, "tie_word_embeddings", False))

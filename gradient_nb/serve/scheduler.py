@@ -191,12 +191,15 @@ def measure_precision_tflops(precision: str = "float32", device: str = "cpu", se
 
     import torch
 
-    dtype, quant = parse_precision(precision)
-    layer = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)).to(getattr(torch, dtype))
-    if quant is not None:
-        from ..models.quantize import quantize_linears
+    from ..models.loader import SKELETON_LOCK
 
-        quantize_linears(layer, quant, dtype=getattr(torch, dtype))
+    dtype, quant = parse_precision(precision)
+    with SKELETON_LOCK:  # a shard loading on another thread must not turn these weights into meta tensors
+        layer = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)).to(getattr(torch, dtype))
+        if quant is not None:
+            from ..models.quantize import quantize_linears
+
+            quantize_linears(layer, quant, dtype=getattr(torch, dtype))
     layer = layer.to(device)
     x = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

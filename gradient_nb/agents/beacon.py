@@ -51,7 +51,7 @@ def _model() -> Any:
 
 @lru_cache(maxsize=4096)
 def _embed_one(text: str) -> tuple[float, ...]:
-    v = _model().encode([text], normalize_embeddings=True, convert_to_numpy=True)[0]
+    v = _model().encode([text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)[0]
     return tuple(float(x) for x in v)
 
 

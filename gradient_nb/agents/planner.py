@@ -308,7 +308,9 @@ class Planner:
     async def _run_step(self, step: Step, text: str, mode: str, log: RunLog, excluded: set[str]) -> None:
         while True:
             self._check_budget()
-            beacon = Beacon.for_task(text, k=1, deadline_s=BID_WAIT_S)
+            # The embedder runs off the event loop: its first load takes seconds, and a blocked loop would miss
+            # the agents' heartbeats (they would look expired) and every other peer's traffic.
+            beacon = await asyncio.to_thread(Beacon.for_task, text, k=1, deadline_s=BID_WAIT_S)
             log.emit("beacon", step=step.id, beacon=beacon.id, task=text)
             bids = await self.selector.collect_bids(self.mesh, beacon, exclude=excluded)
             for b in bids:

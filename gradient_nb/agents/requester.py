@@ -54,7 +54,7 @@ class Requester:
         return {**out, "run_id": log.run_id, "mode": mode}
 
     async def _ask(self, task: str, mode: str, k: int, log: RunLog, exclude: set[str]) -> dict[str, Any]:
-        beacon = Beacon.for_task(task, k=k)
+        beacon = await asyncio.to_thread(Beacon.for_task, task, k=k)  # the embedder, off the event loop
         log.emit("beacon", beacon=beacon.id, task=task, k=k)
         bids = await self.selector.collect_bids(self.mesh, beacon, exclude=exclude)
         for b in bids:

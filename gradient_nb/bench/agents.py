@@ -2,16 +2,19 @@
 
 Prints one JSON object. The task set is generated (seeded): arithmetic word problems, two-step
 instructions and unit conversions, each with its exact answer (computed by this package's exact
-calculator and converter). The bundled model is served once in this process behind the OpenAI API
-(``--llm URL`` uses any OpenAI-compatible endpoint instead, e.g. ``gradient-nb serve --api``); five
-agents join a local mesh (in-process peers through a rendezvous), each answering with that model and
-hosting the builtin MCP tools; a requester peer runs every task in each mode:
+calculator and converter). The bundled model is served by the mesh: ``--serving-peers`` serving peer
+processes (``gradient-nb peer --serve``, as volunteers run) behind an entry peer with the OpenAI API
+(``serve.cluster.start_local_cluster``); ``--llm URL`` uses any other OpenAI-compatible endpoint
+instead. Five agents join that mesh, each answering with the served model and hosting the builtin MCP
+tools; a requester peer runs every task in each mode:
 
 - ``accuracy_single``: one agent (beacon-selected), chain of thought, no tools — the baseline;
 - ``accuracy_tools``: one agent in its ReAct loop with MCP tools (constrained tool calls);
 - ``accuracy_vote``: k agents (k = 3 and 5) answer independently, weighted vote (``accuracy_vote`` is
   k = 3; ``accuracy_vote_k5`` is k = 5);
-- ``accuracy_plan``: the planner decomposes and dispatches to tool-using agents.
+- ``accuracy_plan``: the planner with LLM planning (the served model chooses each action: a mesh tool,
+  dispatch to tool-using agents, or the final answer); ``accuracy_plan_rules``: the same planner with
+  rule-based decomposition (its mode without a model endpoint).
 
 With tokens and seconds per task for each mode, and ``plan_vs_single_accuracy`` = accuracy_plan /
 accuracy_single (a single-agent accuracy of 0 counts as one right answer, so the ratio stays finite
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -73,6 +77,7 @@ def correct(answer: Any, truth: str) -> bool:
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from ..agents.agent import Agent
     from ..agents.ledger import Skill
+    from ..agents.react import LlmPlanner
     from ..agents.requester import Requester
     from ..agents.tools import builtin_tools
     from ..agents.worker import LlmWorker
@@ -80,33 +85,38 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from ..mesh.peer import join
     from ..mesh.rendezvous import Rendezvous
 
-    engine = server = None
+    cluster = None
     url, model = args.llm, args.llm_model
-    if url is None:
-        from ..models import DEFAULT_MODEL
-        from ..serve.api import serve_api
-        from ..serve.shard import LocalEngine
+    if url is None:  # the bundled model, served by peer processes of the mesh the agents join
+        from ..serve.cluster import start_local_cluster
 
-        engine = LocalEngine(DEFAULT_MODEL)
-        engine.model_name = model = DEFAULT_MODEL
-        server = await serve_api(engine)
-        url = server.url
+        cluster = await start_local_cluster(args.serving_peers, api=True)
+        url, model = cluster.api.url, cluster.engine.model_name
     task_set = tasks(args.tasks, args.seed)
     skills = [Skill("arithmetic", "solve arithmetic word problems and compute numbers exactly"),
               Skill("unit conversion", "convert between units of length, mass and temperature")]
-    async with Rendezvous() as rv:
+    async with contextlib.AsyncExitStack() as stack:
+        if cluster is not None:
+            stack.push_async_callback(cluster.stop)
+            rv_url = cluster.rendezvous.url
+        else:
+            rv_url = (await stack.enter_async_context(Rendezvous())).url
+
         async def peer(name: str) -> Any:
-            return await join(rv.url, name=name, identity=Identity.generate(), heartbeat=1.0, probe_seconds=0.05)
+            return await join(rv_url, name=name, identity=Identity.generate(), heartbeat=1.0, probe_seconds=0.05)
 
         agents = []
         for i in range(5):
             a = Agent(await peer(f"agent{i}"), name=f"agent{i}", skills=skills, servers={"tools": builtin_tools()},
                       capacity=args.concurrency, heartbeat=1.0, model=model)
-            a.worker = LlmWorker(url, model=model, toolbox=a.local, max_tokens=args.max_tokens).run
+            a.worker = LlmWorker(url, model=model, toolbox=a.local, max_tokens=args.max_tokens, timeout=600.0).run
             await a.start()
             agents.append(a)
+        options = {"deadline_s": 600.0, "step_timeout": 600.0}
         req = Requester(await peer("requester"), task_timeout=600.0,
-                        planner_options={"deadline_s": 600.0, "step_timeout": 600.0})
+                        planner_options={**options, "max_steps": args.plan_turns},
+                        llm=LlmPlanner(url, model=model, timeout=600.0))
+        rules = Requester(req.mesh, ledger=req.ledger, task_timeout=600.0, planner_options=options)
         try:
             for _ in range(300):  # the agents' capability records reach the requester within a heartbeat or two
                 if len(req.ledger.agents()) >= 5:
@@ -114,14 +124,15 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(0.1)
             else:
                 raise RuntimeError("the agents never appeared in the requester's ledger")
-            result: dict[str, Any] = {"tasks": len(task_set), "model": model}
-            modes = [("single", "single", 1), ("tools", "tools", 1), ("vote", "vote", 3), ("vote_k5", "vote", 5),
-                     ("plan", "plan", 1)]
+            result: dict[str, Any] = {"tasks": len(task_set), "model": model,
+                                      "served_by": f"{args.serving_peers} mesh serving peer(s)" if cluster else url}
+            modes = [("single", "single", 1, req), ("tools", "tools", 1, req), ("vote", "vote", 3, req),
+                     ("vote_k5", "vote", 5, req), ("plan", "plan", 1, req), ("plan_rules", "plan", 1, rules)]
             limit = asyncio.Semaphore(args.concurrency)
-            for key, mode, k in modes:
-                async def one(task: str, truth: str, mode: str = mode, k: int = k) -> tuple[bool, int]:
+            for key, mode, k, who in modes:
+                async def one(task: str, truth: str, mode: str = mode, k: int = k, who: Any = who) -> tuple[bool, int]:
                     async with limit:
-                        out = await req.run(task, mode=mode, k=k)
+                        out = await who.run(task, mode=mode, k=k)
                     return correct(out.get("answer"), truth), int(out.get("tokens") or 0)
 
                 t0 = time.perf_counter()
@@ -138,10 +149,6 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 await a.stop()
                 await a.mesh.leave()
             await req.mesh.leave()
-            if server is not None:
-                await server.stop()
-            if engine is not None:
-                await engine.aclose()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=160, help="chain-of-thought tokens per answer")
     p.add_argument("--concurrency", type=int, default=8, help="tasks in flight at once (batched by the engine)")
-    p.add_argument("--llm", default=None, help="OpenAI-compatible base URL (default: serve the bundled model here)")
+    p.add_argument("--plan-turns", type=int, default=4,
+                   help="the LLM planner's budget: turns, and tool calls plus dispatches (default: %(default)s)")
+    p.add_argument("--serving-peers", type=int, default=1,
+                   help="peer processes that serve the bundled model for the mesh (default: %(default)s)")
+    p.add_argument("--llm", default=None, help="OpenAI-compatible base URL (default: the bundled model served by "
+                   "--serving-peers mesh peers)")
     p.add_argument("--llm-model", default="", help="model name at --llm")
     args = p.parse_args(argv)
     if args.tasks < 1:

@@ -7,14 +7,18 @@
                           of the mesh's verifiable memory goes in front of the task)
     %agents memory        list | show ID | verify ID: the mesh's verifiable memory (see agents_memory)
 
-A run shows its events as a live timeline in the cell's output (the cell returns at once; the run goes
-on in the kernel's event loop) and prints the URL of its Server-Sent Events stream.
+A run shows its events as a live timeline widget in the cell's output (the cell returns at once; the
+run goes on in the kernel's event loop), with the URL of its Server-Sent Events stream; ``await
+finished()`` waits for this kernel's runs and returns their results. The kernel's requester has no
+model endpoint, so ``mode: plan`` plans by rules (``agents.planner``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
 import shlex
+import time
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -83,6 +87,18 @@ def timeline_html(log: Any, url: str | None) -> str:
     return f"{link}<table>{''.join(rows)}</table>"
 
 
+async def finished(timeout: float = 300.0) -> list[dict[str, Any]]:
+    """Wait until every ``%%agents run`` of this kernel has ended; their results in the order they started
+    (``answer``, ``mode``, ``run_id``, ``events``: the kinds of the run's events; ``error`` when it failed)."""
+    deadline = time.monotonic() + timeout
+    results = _state.get("results", {})
+    while any(r is None for r in results.values()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"agents runs still going after {timeout:.0f} s")
+        await asyncio.sleep(0.1)
+    return list(results.values())
+
+
 @magics_class
 class AgentsMagics(Magics):
     @line_cell_magic
@@ -133,22 +149,28 @@ class AgentsMagics(Magics):
         return _state["requester"]
 
     def _run(self, req: Any, spec: dict[str, Any]) -> None:
+        import ipywidgets as widgets
+
         s = current()
         log = req.runs.new()
-        handle = display(HTML("<i>starting…</i>"), display_id=True)
+        view = widgets.HTML("<i>starting…</i>")  # the timeline: a widget, so it updates after the cell returns
+        display(view)
+        results = _state.setdefault("results", {})
+        results[log.run_id] = None
 
         async def run() -> None:
             from ..agents.events import EventServer
 
-            if _state.get("server") is None:
-                _state["server"] = await EventServer(req.runs).start()
+            async with _state.setdefault("server_lock", asyncio.Lock()):  # one server for runs started together
+                if _state.get("server") is None:
+                    _state["server"] = await EventServer(req.runs).start()
             url = _state["server"].url(log)
             exclude = {a for a, cap in req.ledger.agents().items()
                        if not set(spec["tools"]) <= {t["name"] for t in cap.tools}}
 
             async def show() -> None:
                 async for _ in log.follow():
-                    handle.update(HTML(timeline_html(log, url)))
+                    view.value = timeline_html(log, url)
 
             task, used = spec["task"], []
             if spec.get("memory"):
@@ -161,10 +183,12 @@ class AgentsMagics(Magics):
             finally:
                 watcher.cancel()
             mem = f" (memory: {', '.join(i[:12] for i in used) or 'no entry close enough'})" if spec.get("memory") else ""
-            handle.update(HTML(f"<b>answer</b>: {html.escape(str(out.get('answer')))}{mem}" + timeline_html(log, url)))
+            view.value = f"<b>answer</b>: {html.escape(str(out.get('answer')))}{mem}" + timeline_html(log, url)
+            results[log.run_id] = {**out, "events": log.kinds()}
 
         def failed(exc: BaseException) -> None:
-            handle.update(HTML(f"<b>agents</b>: {html.escape(f'{type(exc).__name__}: {exc}')}"
-                               + timeline_html(log, None)))
+            view.value = f"<b>agents</b>: {html.escape(f'{type(exc).__name__}: {exc}')}" + timeline_html(log, None)
+            results[log.run_id] = {"run_id": log.run_id, "answer": None, "error": f"{type(exc).__name__}: {exc}",
+                                   "events": log.kinds()}
 
         s.spawn(run(), "agents-run", on_error=failed)

@@ -39,7 +39,7 @@ def test_ledger_tools_and_a_plan_run_in_a_kernel(procs) -> None:
         assert run.outputs, "the run shows a timeline"
         kinds = kernel.wait_value("(lambda r: r.kinds())(list(am._state['requester'].runs.runs.values())[-1])",
                                   lambda k: "final" in k, timeout=60, what="the run to finish")
-        events = kernel.value("[(e.kind, e.data.get('error')) for e in "
+        events = kernel.value("[(e.kind, e.data.get('error') or e.data.get('reason')) for e in "
                               "list(am._state['requester'].runs.runs.values())[-1].events]")
         assert kinds[0] == "plan" and kinds.count("dispatch") == 2 and kinds[-1] == "final", events
         final = kernel.value("list(am._state['requester'].runs.runs.values())[-1].events[-1].data['answer']")

@@ -135,6 +135,26 @@ CHECKS: dict[str, Callable[[Any], None]] = {"verify.ipynb": check_verify, "echo.
                                             "parallax.ipynb": check_parallax}
 
 
+
+def check_agents(nb: Any) -> None:
+    ledger = outputs_text(cell_with(nb, "%agents ledger")) + str(cell_with(nb, "%agents ledger").outputs)
+    assert all(f"calc-{i}" in ledger for i in (1, 2, 3)) and "tools.calculate" in ledger, ledger
+    assert "tools.convert_units(value, from_unit, to_unit)" in outputs_text(cell_with(nb, "%agents tools"))
+    runs = [r for r in outputs_text(cell_with(nb, "await finished()")).splitlines() if r.split()[:1] in
+            (["tools"], ["vote"], ["plan"])]
+    assert [r.split()[:2] for r in runs] == [["tools", "212"], ["vote", "391"], ["plan", "400"]], runs
+    assert all(r.split()[2] in ("beacon", "plan") and r.endswith("final") for r in runs), runs
+    # Two steps, each answered once (a step an agent refused while busy with the vote is retried: both count).
+    assert " vote " in runs[1] and runs[2].split().count("tool_result") == 2, runs
+    # Each run's timeline widget followed its events to the final one, with the answer.
+    views = [s.get("value", "") for s in widget_states(nb).values() if s.get("_model_name") == "HTMLModel"]
+    for answer in ("212", "391", "400"):
+        assert any(re.search(rf"<b>final</b></td><td>answer={answer}\b", v) for v in views), (answer, views)
+    assert "{'joined': False}" in outputs_text(nb.cells[-1])
+
+
+CHECKS["agents.ipynb"] = check_agents
+
 def spawned_pids(nb: Any) -> list[int]:
     """The local peers' process ids, as the `%mesh spawn` widget reported them."""
     return [int(p) for s in widget_states(nb).values() for p in re.findall(r"pid (\d+)", str(s.get("value", "")))]

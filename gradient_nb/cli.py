@@ -466,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_agent)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("what", choices=["transport", "nat", "serve", "verify", "agents", "echo", "scale", "memory"])
+    p.add_argument("what", choices=["transport", "nat", "serve", "verify", "agents", "echo", "scale", "memory",
+                                      "market"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
     return parser

@@ -150,6 +150,8 @@ def check_agents(nb: Any) -> None:
     views = [s.get("value", "") for s in widget_states(nb).values() if s.get("_model_name") == "HTMLModel"]
     for answer in ("212", "391", "400"):
         assert any(re.search(rf"<b>final</b></td><td>answer={answer}\b", v) for v in views), (answer, views)
+    # With the URL of the run's Server-Sent Events stream.
+    assert sum(bool(re.search(r"events: <code>http://127\.0\.0\.1:\d+/runs/\w+/events", v)) for v in views) == 3, views
     assert "{'joined': False}" in outputs_text(nb.cells[-1])
 
 

@@ -157,6 +157,19 @@ def check_agents(nb: Any) -> None:
 
 CHECKS["agents.ipynb"] = check_agents
 
+
+def check_hide_and_shill(nb: Any) -> None:
+    text = outputs_text(cell_with(nb, "run_study(small(), grpo"))
+    got = {k: float(v) for k, v in re.findall(r"\b(f1_\w+|attribution_accuracy): ([\d.]+)\n", text)}
+    assert {"f1_rule", "f1_untrained", "f1_trained", "attribution_accuracy"} <= set(got), text
+    assert got["f1_trained"] > max(got["f1_rule"], got["f1_untrained"]), got  # the trained detector wins held out
+    for source in ("make_subplots(rows=2", "roc_curve(y, s)", "attribute(e, f)"):  # the three plotly figures
+        assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in cell_with(nb, source).outputs)
+
+
+CHECKS["hide_and_shill.ipynb"] = check_hide_and_shill
+
+
 def spawned_pids(nb: Any) -> list[int]:
     """The local peers' process ids, as the `%mesh spawn` widget reported them."""
     return [int(p) for s in widget_states(nb).values() for p in re.findall(r"pid (\d+)", str(s.get("value", "")))]

@@ -24,6 +24,15 @@ def test_simulator_is_deterministic_by_seed() -> None:
     assert not np.array_equal(a.price, c.price)
 
 
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError):
+        MarketConfig(steps=10)
+    with pytest.raises(ValueError):
+        Strategy(accounts=0.0)
+    with pytest.raises(ValueError):
+        Strategy(pump_steps=0)
+
+
 def test_labels_a_pump_moves_the_price_without_information() -> None:
     cfg = MarketConfig()
     found = 0

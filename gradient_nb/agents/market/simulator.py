@@ -69,6 +69,16 @@ class MarketConfig:
     campaigns: tuple[int, int] = (1, 2)  # campaigns per episode, min and max
     base_volume: float = 100.0
 
+    def __post_init__(self) -> None:
+        if self.window < 2 or self.steps < 4 * self.window:
+            raise ValueError("window is at least 2 and steps at least 4 windows")
+        if self.n_honest < 5 or self.n_manipulators < 1:
+            raise ValueError("at least 5 honest accounts and 1 manipulator")
+        if not 0 < self.reaction <= 1 or not 0 <= self.news_observed <= 1 or self.noise_sigma <= 0:
+            raise ValueError("reaction in (0, 1], news_observed in [0, 1], noise_sigma > 0")
+        if not 0 <= self.campaigns[0] <= self.campaigns[1]:
+            raise ValueError("campaigns is (min, max) with 0 <= min <= max")
+
     @property
     def n_accounts(self) -> int:
         return self.n_honest + self.n_manipulators
@@ -88,6 +98,12 @@ class Strategy:
     jitter: int = 0  # posts spread over ± jitter steps (0: synchronized bursts)
     disguise: float = 0.0  # fraction of shill posts written as news
     after_news: bool = False  # start right after an information event
+
+    def __post_init__(self) -> None:
+        if not 0 < self.accounts <= 1 or not 0 <= self.disguise <= 1:
+            raise ValueError("accounts in (0, 1], disguise in [0, 1]")
+        if self.pump_steps < 1 or self.dump_steps < 1 or self.jitter < 0 or self.pressure < 0 or self.posts_per_step < 0:
+            raise ValueError("pump_steps and dump_steps at least 1; jitter, pressure, posts_per_step not negative")
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

@@ -8,7 +8,8 @@ hands it the rl layer's GRPO (``gradient_nb.rl.grpo``) and prints every figure:
   held-out episodes (``*_ci``), and the ratios ``trained_vs_rule``, ``trained_vs_untrained``;
 - ``attribution_accuracy`` (R-precision of the manipulating accounts from the trained detector's flags;
   ``attribution_accuracy_rule`` from the rule's), ``auc_untrained``, ``auc_trained``;
-- after one round of manipulator co-evolution (a best-response search over strategies):
+- after one round of manipulator co-evolution (a best-response search over strategies, or with
+  ``--manipulators grpo`` the same GRPO over a categorical strategy policy):
   ``f1_rule_after_coevolution``, ``f1_untrained_after_coevolution``, ``f1_trained_after_coevolution``
   (the trained detector, not retrained), ``attribution_accuracy_after_coevolution``, and the detector's
   answer ``f1_retrained_after_coevolution``; ``coevolution`` says what the manipulators chose;
@@ -41,12 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=d.batch, help="episodes per GRPO step")
     p.add_argument("--candidates", type=int, default=d.coevolution_candidates, help="strategies the manipulators try")
     p.add_argument("--candidate-episodes", type=int, default=d.coevolution_episodes)
+    p.add_argument("--manipulators", choices=("search", "grpo"), default=d.manipulators,
+                   help="how the manipulators answer the trained detector (default: %(default)s)")
+    p.add_argument("--manipulator-steps", type=int, default=d.manipulator_steps, help="their GRPO steps")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap)
     p.add_argument("--market-steps", type=int, default=MarketConfig().steps, help="steps per episode")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if min(args.train_episodes, args.test_episodes, args.steps, args.batch, args.candidates,
-           args.candidate_episodes, args.bootstrap) < 1 or args.num_generations < 2:
+           args.candidate_episodes, args.bootstrap, args.manipulator_steps) < 1 or args.num_generations < 2:
         p.error("counts are at least 1 and --num-generations at least 2")
     if args.market_steps < 4 * MarketConfig().window:
         p.error(f"--market-steps is at least {4 * MarketConfig().window}")
@@ -54,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                       batch=args.batch, num_generations=args.num_generations, seed=args.seed,
                       bootstrap=args.bootstrap, coevolution_candidates=args.candidates,
                       coevolution_episodes=args.candidate_episodes, retrain_steps=args.retrain_steps,
+                      manipulators=args.manipulators, manipulator_steps=args.manipulator_steps,
                       market=MarketConfig(steps=args.market_steps))
     t0 = time.perf_counter()
     out = run_study(cfg, grpo)

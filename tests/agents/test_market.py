@@ -112,3 +112,19 @@ def test_bench_prints_every_key(capsys: pytest.CaptureFixture[str], features: di
         assert key in out, key
     assert len(out["f1_trained_ci"]) == 2 and out["f1_trained_ci"][0] <= out["f1_trained"] <= out["f1_trained_ci"][1]
     assert out["coevolution"]["candidates"] == 2 and Strategy(**out["coevolution"]["strategy"])
+
+
+def test_manipulators_learning_with_grpo_evade_the_trained_detector(features: dict) -> None:
+    from gradient_nb.agents.market.study import _campaign_stats, learn_strategy
+
+    det = Detector(seed=0).fit_scaler(np.concatenate(features["Xtr"]))
+    train_detector(det, features["train"], features["Xtr"], grpo, steps=40, batch=8, seed=0)
+    cfg = MarketConfig()
+    learned, tried = learn_strategy(det, cfg, grpo, steps=4, episodes=2, seed=0)
+    assert len(tried) == 4 * 8
+
+    def recall(st: Strategy) -> float:
+        eps = [simulate(900 + i, cfg, st) for i in range(6)]
+        return _campaign_stats(det, eps, [window_features(e) for e in eps])[1]
+
+    assert recall(learned) < recall(Strategy())  # held-out episodes: the learned strategy is flagged less

@@ -14,11 +14,13 @@
 4. ``f1_trained``, ``attribution_accuracy`` (R-precision of manipulating accounts from the flags) on the
    held-out episodes, with bootstrap intervals over episodes (``bootstrap`` resamples, 95%).
 5. Co-evolution, one round: the manipulators answer the trained detector with a **best-response
-   search** (not GRPO): every candidate ``Strategy`` of a small grid (how many accounts, pump length and
+   search** (``manipulators="search"``, the default): every candidate ``Strategy`` of a small grid (how many accounts, pump length and
    pressure, posting jitter, disguise as news, starting after real news) is played on
    ``coevolution_episodes`` fresh episodes, scored by its payoff ``profit × (1 - recall)`` (profit: the
    mean unexplained price excess at the pump's end, relative to the default strategy's; recall: the
-   share of its campaign windows the trained detector flags); the best is kept. Then the same figures
+   share of its campaign windows the trained detector flags); the best is kept. Or they learn with the
+   same GRPO (``manipulators="grpo"``, ``learn_strategy``): a categorical policy over the grid, 8
+   strategies sampled a step, each rewarded with its payoff on fresh episodes. Then the same figures
    on held-out episodes played with it (``*_after_coevolution``), and the detector's answer: GRPO
    continued for ``retrain_steps`` on training episodes half of which use the new strategy
    (``f1_retrained_after_coevolution``).
@@ -59,6 +61,8 @@ class StudyConfig:
     coevolution_candidates: int = 24  # strategies tried (a seeded subset of the grid)
     coevolution_episodes: int = 6
     retrain_steps: int = 60
+    manipulators: str = "search"  # how they answer the trained detector: "search" or "grpo"
+    manipulator_steps: int = 8  # GRPO steps when manipulators == "grpo"
     market: MarketConfig = field(default_factory=MarketConfig)
 
 
@@ -166,6 +170,52 @@ def best_response(det: Detector, market: MarketConfig, *, candidates: int, episo
     return Strategy(**best["strategy"]), tried
 
 
+def learn_strategy(det: Detector, market: MarketConfig, grpo: Any, *, steps: int, episodes: int, seed: int,
+                   num_generations: int = 8, learning_rate: float = 0.5, embed=None) -> tuple[Strategy, list[dict]]:
+    """The manipulators learn with the same GRPO: a categorical policy over ``STRATEGY_GRID`` (one
+    "token" per rollout: the strategy), each rollout played on ``episodes`` fresh episodes against
+    ``det`` and rewarded with the payoff ``profit × (1 - recall)``; returns the most probable strategy."""
+    kw = {} if embed is None else {"embed": embed}
+    grid = list(itertools.product(*STRATEGY_GRID.values()))
+
+    def strategy(i: int) -> Strategy:
+        accounts, (pump, pressure), jitter, disguise, after = grid[i]
+        return Strategy(accounts=accounts, pump_steps=pump, pressure=pressure, jitter=jitter, disguise=disguise,
+                        after_news=after)
+
+    def play(st: Strategy, seeds: list[int]) -> tuple[float, float]:
+        eps = [simulate(s, market, st) for s in seeds]
+        return _campaign_stats(det, eps, [window_features(e, **kw) for e in eps])
+
+    base_profit, _ = play(Strategy(), [20_000_000 + seed * 1000 + i for i in range(2 * episodes)])
+    cfg = grpo.GRPOConfig(num_generations=num_generations, learning_rate=learning_rate, loss_type="grpo",
+                          scale_rewards="group")
+    logits = torch.zeros(len(grid), requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=cfg.learning_rate)
+    gen = torch.Generator().manual_seed(seed)
+    tried: list[dict] = []
+    for step in range(steps):
+        seeds = [30_000_000 + seed * 100_000 + step * episodes + i for i in range(episodes)]
+        with torch.no_grad():
+            arms = torch.multinomial(torch.softmax(logits, 0), cfg.num_generations, replacement=True, generator=gen)
+            old = torch.log_softmax(logits, 0)[arms][:, None]
+        rewards = []
+        for a in arms.tolist():
+            profit, recall = play(strategy(a), seeds)
+            payoff = profit / max(base_profit, 1e-9) * (1 - recall)
+            rewards.append(payoff)
+            tried.append({"strategy": strategy(a).as_dict(), "profit": profit, "recall": recall, "payoff": payoff,
+                          "step": step})
+        adv = grpo.advantages(torch.tensor(rewards), cfg.num_generations, cfg.scale_rewards)
+        for _ in range(2):
+            logp = torch.log_softmax(logits, 0)[arms][:, None]
+            parts = grpo.grpo_loss(cfg, logp, old, old, torch.ones_like(logp), adv)
+            opt.zero_grad()
+            parts.loss.backward()
+            opt.step()
+    return strategy(int(torch.argmax(logits))), tried
+
+
 def _evaluate(eps: list[Episode], X: list[np.ndarray], dets: dict[str, Detector | None], cfg: StudyConfig,
               suffix: str, seed: int) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
     labels = [e.labels for e in eps]
@@ -211,8 +261,16 @@ def run_study(cfg: StudyConfig, grpo: Any, *, embed=None, keep: bool = False) ->
     u = np.concatenate([unexplained(e)[0] for e in test])
     out["label_vs_abnormal_f1"] = round(f1_score(y, u > 2.0), 4)  # how well the reward's notion matches labels
 
-    strategy, tried = best_response(det, m, candidates=cfg.coevolution_candidates, episodes=cfg.coevolution_episodes,
-                                    seed=cfg.seed, embed=embed)
+    if cfg.manipulators == "grpo":
+        strategy, tried = learn_strategy(det, m, grpo, steps=cfg.manipulator_steps, episodes=cfg.coevolution_episodes,
+                                         seed=cfg.seed, embed=embed)
+        method = f"GRPO over a strategy grid ({cfg.manipulator_steps} steps, 8 strategies a step)"
+    elif cfg.manipulators == "search":
+        strategy, tried = best_response(det, m, candidates=cfg.coevolution_candidates,
+                                        episodes=cfg.coevolution_episodes, seed=cfg.seed, embed=embed)
+        method = "best-response search over a strategy grid (not GRPO)"
+    else:
+        raise ValueError(f"manipulators learn by 'search' or 'grpo', not {cfg.manipulators!r}")
     test2 = [simulate(3_000_000 + cfg.seed * 10_000 + i, m, strategy) for i in range(cfg.test_episodes)]
     Xte2 = [window_features(e, **kw) for e in test2]
     after, flags2 = _evaluate(test2, Xte2, dets, cfg, "_after_coevolution", cfg.seed + 1)
@@ -228,13 +286,12 @@ def run_study(cfg: StudyConfig, grpo: Any, *, embed=None, keep: bool = False) ->
     out["f1_retrained_after_coevolution"] = re["f1_retrained_after_coevolution"]
     out["f1_retrained_after_coevolution_ci"] = re["f1_retrained_after_coevolution_ci"]
     out["attribution_accuracy_retrained_after_coevolution"] = re["attribution_accuracy_after_coevolution"]
-    out["coevolution"] = {"method": "best-response search over a strategy grid (not GRPO)",
-                          "candidates": len(tried), "strategy": strategy.as_dict(),
-                          "payoff_default": round(tried[0]["payoff"], 4),
+    chosen = [r for r in tried if Strategy(**r["strategy"]) == strategy]
+    out["coevolution"] = {"method": method, "candidates": len(tried), "strategy": strategy.as_dict(),
                           "payoff_best": round(max(r["payoff"] for r in tried), 4),
-                          "recall_default": round(tried[0]["recall"], 4),
-                          "recall_best": round(next(r["recall"] for r in tried if Strategy(**r["strategy"]) == strategy),
-                                               4)}
+                          "recall_chosen": round(float(np.mean([r["recall"] for r in chosen])), 4) if chosen else None}
+    if cfg.manipulators == "search":
+        out["coevolution"]["recall_default"] = round(tried[0]["recall"], 4)
     lo = out["f1_trained_ci"][0]
     out["target_f1_trained_above_both"] = bool(lo > max(out["f1_rule"], out["f1_untrained"]))
     out["config"] = {"train_episodes": cfg.train_episodes, "test_episodes": cfg.test_episodes, "steps": cfg.steps,

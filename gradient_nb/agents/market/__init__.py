@@ -7,7 +7,8 @@ information-only counterfactual price). ``detector``: multi-modal window feature
 the offline embedder, graph signals, delayed price reaction and volume), the z-score rule baseline, the
 theory-based reward and the logistic detector policy trained with the rl layer's GRPO loss.
 ``study``: train, evaluate on held-out episodes with bootstrap intervals, one round of manipulator
-co-evolution (a best-response search), the same figures after it.
+co-evolution (a best-response search, or the manipulators learning with the same GRPO), the same
+figures after it.
 """
 
 from .detector import (
@@ -21,16 +22,5 @@ from .detector import (
 )
 from .simulator import Episode, MarketConfig, Strategy, simulate
 
-__all__ = [
-           "FEATURES",
-           "Detector",
-           "Episode",
-           "MarketConfig",
-           "Strategy",
-           "attribution_accuracy",
-           "f1_score",
-           "rule_flags",
-           "simulate",
-           "theory_reward",
-           "window_features",
-]
+__all__ = ["FEATURES", "Detector", "Episode", "MarketConfig", "Strategy", "attribution_accuracy", "f1_score",
+           "rule_flags", "simulate", "theory_reward", "window_features"]

@@ -30,8 +30,9 @@ The rules mode:
 
 The llm mode keeps 2–4: a dispatched sub-task goes through the same beacon, capacity count, retries and
 replans; a tool call goes to an agent that hosts the tool, within its capacity, and is retried with
-backoff when the tool fails (not when the model's call was wrong: ``UnknownTool``/``InvalidArguments``
-go back to the model), placed on another host when its host is gone (``replan``); a failing model
+backoff when the tool fails transiently (``TRANSIENT_ERRORS``; any other error, e.g. ``InvalidArguments``
+or ``UnknownUnit``, goes back to the model, whose next action is the retry), placed on another host
+when its host is gone (``replan``); a failing model
 endpoint is retried with backoff too. The model has at most ``max_steps`` turns and tool calls plus
 dispatches count against ``max_steps`` as well; a run that spends its budget without a final answer
 ends with an error and, as its answer, the last result it obtained.
@@ -44,6 +45,7 @@ Outcomes are recorded in the ledger (signed by this requester) and fed to the ba
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import re
 import secrets
@@ -62,7 +64,9 @@ from .mcp_mesh import MeshServer, Toolbox, ToolCallError
 from .react import Action, LlmPlanner, mesh_tools
 from .vote import normalize
 
-CALLER_ERRORS = frozenset({"UnknownTool", "InvalidArguments"})  # the call was wrong: the model replans
+# Tool errors worth the same call again after a backoff; any other kind goes back to the model at once (its
+# next action is the retry, with the error in view: the same arguments would fail the same way).
+TRANSIENT_ERRORS = frozenset({"Transient", "Timeout", "Overloaded", "ToolFailed"})
 
 # How long a step's beacon waits for bids: a bid is an embedding lookup, but a loaded 2-core machine can
 # take seconds to schedule it.
@@ -108,6 +112,15 @@ def decompose(task: str) -> list[Step]:
     return steps
 
 
+@dataclass
+class _Budget:
+    dispatches: int
+    deadline: float  # time.monotonic()
+
+
+_BUDGET: contextvars.ContextVar[_Budget] = contextvars.ContextVar("plan_budget")
+
+
 class PlanFailed(Exception):
     """The plan ran out of its step budget, deadline or retries."""
 
@@ -130,14 +143,19 @@ class Planner:
         self._freed = asyncio.Event()
 
     @property
+    def _budget(self) -> _Budget:
+        return _BUDGET.get()
+
+    @property
     def planning(self) -> str:
         """``llm`` (the model chooses each action) or ``rules`` (no model endpoint: ``decompose``)."""
         return "rules" if self.llm is None else "llm"
 
     async def run(self, task: str, log: RunLog, *, mode: str = "tools",
                   exclude: set[str] = frozenset()) -> dict[str, Any]:
-        self._dispatches = 0
-        self._deadline = time.monotonic() + self.deadline_s
+        # The budget is the run's own (a context variable: concurrent runs of one planner each count theirs;
+        # the step tasks a run starts inherit it).
+        _BUDGET.set(_Budget(0, time.monotonic() + self.deadline_s))
         if self.llm is not None:
             return await self._react(task, log, mode, set(exclude))
         steps = decompose(task)
@@ -150,7 +168,7 @@ class Planner:
                     if s.id not in done and s not in running.values() and all(d in done for d in s.deps):
                         text = s.task.format(**{d: done[d].answer for d in s.deps})
                         running[asyncio.ensure_future(self._run_step(s, text, mode, log, set(exclude)))] = s
-                left = self._deadline - time.monotonic()
+                left = self._budget.deadline - time.monotonic()
                 if left <= 0:
                     raise BudgetSpent(f"the deadline of {self.deadline_s:g} s passed")
                 finished, _ = await asyncio.wait(running, timeout=left, return_when=asyncio.FIRST_COMPLETED)
@@ -167,14 +185,14 @@ class Planner:
                 return {"answer": None, "error": str(exc), "steps": [vars(s) for s in steps]}
             raise
         answer = steps[-1].answer
-        log.emit("final", answer=answer, steps=len(steps), dispatches=self._dispatches)
-        return {"answer": answer, "steps": [vars(s) for s in steps], "dispatches": self._dispatches,
+        log.emit("final", answer=answer, steps=len(steps), dispatches=self._budget.dispatches)
+        return {"answer": answer, "steps": [vars(s) for s in steps], "dispatches": self._budget.dispatches,
                 "tokens": sum(s.tokens for s in steps)}
 
     def _check_budget(self) -> None:
-        if self._dispatches >= self.max_steps:
+        if self._budget.dispatches >= self.max_steps:
             raise BudgetSpent(f"the step budget of {self.max_steps} dispatches is spent")
-        if time.monotonic() > self._deadline:
+        if time.monotonic() > self._budget.deadline:
             raise BudgetSpent(f"the deadline of {self.deadline_s:g} s passed")
 
     # ------------------------------------------------------------------ llm planning (ReAct)
@@ -191,9 +209,9 @@ class Planner:
                 log.emit("plan", planning="llm", turn=turn, action=action.name, arguments=action.arguments)
                 if action.kind == "final":
                     answer = normalize(str(action.arguments["answer"]))
-                    log.emit("final", answer=answer, planning="llm", turns=turn, dispatches=self._dispatches)
+                    log.emit("final", answer=answer, planning="llm", turns=turn, dispatches=self._budget.dispatches)
                     return {"answer": answer, "planning": "llm", "turns": turn, "steps": [vars(s) for s in steps],
-                            "dispatches": self._dispatches, "tokens": tokens + sum(s.tokens for s in steps)}
+                            "dispatches": self._budget.dispatches, "tokens": tokens + sum(s.tokens for s in steps)}
                 if action.kind == "tool":
                     observation, value = await self._call_tool(action, f"t{turn}", log, excluded)
                 else:
@@ -204,7 +222,7 @@ class Planner:
         except PlanFailed as exc:
             log.emit("final", answer=last, error=str(exc), planning="llm", turns=turn)
             return {"answer": last, "error": str(exc), "planning": "llm", "turns": turn,
-                    "steps": [vars(s) for s in steps], "dispatches": self._dispatches,
+                    "steps": [vars(s) for s in steps], "dispatches": self._budget.dispatches,
                     "tokens": tokens + sum(s.tokens for s in steps)}
 
     async def _decide(self, task: str, history: list[tuple[Action, str]], turn: int, log: RunLog) -> Action:
@@ -214,8 +232,8 @@ class Planner:
         attempt = 0
         while True:
             try:
-                return await asyncio.wait_for(self.llm.next_action(task, history, tools),
-                                              max(0.1, self._deadline - time.monotonic()))
+                return await asyncio.wait_for(self.llm.next_action(task, history, tools, attempt),
+                                              max(0.1, self._budget.deadline - time.monotonic()))
             except TimeoutError:
                 raise BudgetSpent(f"the deadline of {self.deadline_s:g} s passed") from None
             except (RuntimeError, ValueError, KeyError, httpx.HTTPError) as exc:
@@ -246,12 +264,12 @@ class Planner:
             log.emit("select", step=sid, agent=agent, tool=name)
             self.in_flight[agent] = self.in_flight.get(agent, 0) + 1
             self.peak[agent] = max(self.peak.get(agent, 0), self.in_flight[agent])
-            self._dispatches += 1
+            self._budget.dispatches += 1
             log.emit("tool_call", step=sid, agent=agent, tool=name, arguments=action.arguments)
             t0 = time.perf_counter()
             try:
                 value = await asyncio.wait_for(self.toolbox.call(key, name, action.arguments),
-                                               min(self.step_timeout, max(0.1, self._deadline - time.monotonic())))
+                                               min(self.step_timeout, max(0.1, self._budget.deadline - time.monotonic())))
             except (ToolCallError, TimeoutError) as exc:
                 err = exc if isinstance(exc, ToolCallError) else ToolCallError("Unavailable", name, "timed out")
                 log.emit("tool_result", step=sid, agent=agent, tool=name, error=err.kind)
@@ -261,7 +279,7 @@ class Planner:
                     log.emit("replan", step=sid, agent=agent, reason=err.message[:200])
                     continue
                 attempts += 1
-                if err.kind in CALLER_ERRORS or attempts > self.max_retries:
+                if err.kind not in TRANSIENT_ERRORS or attempts > self.max_retries:
                     return f"error: {err.kind}: {err.message[:300]}", None
                 delay = self.backoff * 2 ** (attempts - 1)
                 log.emit("retry", step=sid, agent=agent, error=f"{err.kind}: {err.message[:200]}",
@@ -328,13 +346,13 @@ class Planner:
                      value=round(float(chosen[0]["value"]), 4))
             self.in_flight[agent] = self.in_flight.get(agent, 0) + 1
             self.peak[agent] = max(self.peak.get(agent, 0), self.in_flight[agent])
-            self._dispatches += 1
+            self._budget.dispatches += 1
             step.agent = agent
             log.emit("dispatch", step=step.id, agent=agent, task=text)
             t0 = time.perf_counter()
             try:
                 reply = await self.mesh.call(agent, "agent.task", Message({"task": text, "mode": mode}),
-                                             timeout=min(self.step_timeout, max(0.1, self._deadline - time.monotonic())))
+                                             timeout=min(self.step_timeout, max(0.1, self._budget.deadline - time.monotonic())))
             except RemoteError as exc:
                 self._outcome(beacon, agent, False, t0)
                 step.attempts += 1

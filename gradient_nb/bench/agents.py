@@ -38,6 +38,7 @@ WORD = [
     ("A tank holds {a} liters and {b} liters leak out. How many liters are left?", lambda a, b: a - b),
     ("A farmer plants {b} rows of {a} trees. How many trees does he plant?", lambda a, b: a * b),
 ]
+MODES = ("single", "tools", "vote", "vote_k5", "plan", "plan_rules")
 UNITS = [("km", "mi"), ("kg", "lb"), ("c", "f"), ("mi", "km"), ("lb", "kg"), ("ft", "m")]
 
 
@@ -128,6 +129,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                                       "served_by": f"{args.serving_peers} mesh serving peer(s)" if cluster else url}
             modes = [("single", "single", 1, req), ("tools", "tools", 1, req), ("vote", "vote", 3, req),
                      ("vote_k5", "vote", 5, req), ("plan", "plan", 1, req), ("plan_rules", "plan", 1, rules)]
+            modes = [m for m in modes if m[0] in args.modes]
             limit = asyncio.Semaphore(args.concurrency)
             for key, mode, k, who in modes:
                 async def one(task: str, truth: str, mode: str = mode, k: int = k, who: Any = who) -> tuple[bool, int]:
@@ -142,7 +144,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 result[f"tokens_per_task_{key}"] = sum(n for _, n in outs) / len(outs)
                 result[f"seconds_per_task_{key}"] = secs / len(outs)
             floor = 1 / len(task_set)
-            result["plan_vs_single_accuracy"] = result["accuracy_plan"] / max(result["accuracy_single"], floor)
+            if "accuracy_plan" in result and "accuracy_single" in result:
+                result["plan_vs_single_accuracy"] = result["accuracy_plan"] / max(result["accuracy_single"], floor)
             return result
         finally:
             for a in agents:
@@ -164,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm", default=None, help="OpenAI-compatible base URL (default: the bundled model served by "
                    "--serving-peers mesh peers)")
     p.add_argument("--llm-model", default="", help="model name at --llm")
+    p.add_argument("--modes", default=",".join(MODES), help="modes to run, comma-separated (default: all: %(default)s)")
     args = p.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.modes or set(args.modes) - set(MODES):
+        p.error(f"--modes takes some of {', '.join(MODES)}")
     if args.tasks < 1:
         p.error("--tasks must be at least 1")
     print(json.dumps(asyncio.run(_run(args))))

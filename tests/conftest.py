@@ -62,3 +62,16 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def ipython():
+    """The IPython shell of this test process (IPython keeps one per process). ``globalipapp.get_ipython``
+    as imported returns the shell on its first call in a process and None after, so a test that used it
+    broke whenever another test module had called it first: tests take the shell from here."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.testing import globalipapp
+
+    if not InteractiveShell.initialized():
+        globalipapp.start_ipython()
+    return InteractiveShell.instance()

@@ -61,15 +61,13 @@ async def _served(s: NotebookSession, ids: list[int]) -> tuple[list[int], list[f
     return [st.token for st in steps], [st.logprob for st in steps]
 
 
-def test_the_adapter_key_is_parsed_and_a_bad_one_refused(tmp_path: Path) -> None:
-    from IPython.testing.globalipapp import get_ipython
-
+def test_the_adapter_key_is_parsed_and_a_bad_one_refused(tmp_path: Path, ipython) -> None:
     from gradient_nb.notebook.magics import GradientMagics
 
     assert parse_serve_config("adapter: ~/my-adapter\nlayers: 0:4")["adapter"] == "~/my-adapter"
     with pytest.raises(UsageError, match="has no value"):
         parse_serve_config("adapter:")
-    ip = get_ipython()
+    ip = ipython
     ip.register_magics(GradientMagics)
     with pytest.raises(UsageError, match=r"adapter .*nowhere.*is not a LoRA adapter folder"):
         ip.run_line_magic("mesh", f"spawn 1 --serve default --adapter {tmp_path / 'nowhere'}")

@@ -8,13 +8,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 from IPython.core.error import UsageError
-from IPython.testing.globalipapp import get_ipython
 
 from gradient_nb.notebook.echo_magic import _RUN, EchoMagics
 
 
-async def test_echo_magic_colocated(warm: Path) -> None:
-    ip = get_ipython()
+async def test_echo_magic_colocated(warm: Path, ipython) -> None:
+    ip = ipython
     ip.register_magics(EchoMagics)
     with pytest.raises(UsageError, match="unknown echo settings"):
         ip.run_cell_magic("echo", "train", "mode: colocated\nbogus: 1\n")

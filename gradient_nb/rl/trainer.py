@@ -397,29 +397,38 @@ class EchoRun:
 
     async def _mesh_batch(self) -> tuple[list[Group], dict[str, float]]:
         audit = {"audited": 0, "dropped_untrusted": 0} if self.auditor is not None else {}
+        todo, kept = self._prompts(), []
+        t0 = time.perf_counter()
         while True:
             v, ms, nbytes = await self._publish_and_sync()
+            if kept and kept[0].version != v:
+                todo, kept = [r.prompt for g in kept for r in g.rollouts[:1]] + todo, []  # never mix versions
             self._batch_seed += 1
-            t0 = time.perf_counter()
             try:
-                groups = await self.sampler.groups(self._prompts(), self.run_id, v, self.cfg.seed * 7919 + self._batch_seed)
+                groups = await self.sampler.groups(todo, self.run_id, v, self.cfg.seed * 7919 + self._batch_seed)
             except MixedVersions as exc:
                 self.state.dropped_mixed += 1
                 log.warning("dropped a rollout batch: %s", exc)
                 continue
             if self.auditor is not None:
-                groups, report = await self.auditor.audit(groups)
+                trusted, report = await self.auditor.audit(groups)
                 self.state.audited += report.audited
                 self.state.audit_failed += report.failed
                 self.state.dropped_untrusted += report.dropped
                 self.state.excluded_samplers = dict(self.auditor.excluded)
                 audit["audited"] += report.audited
                 audit["dropped_untrusted"] += report.dropped
-                if not groups:
-                    continue  # every group held a failed sampler's rollout: sample again without it
-            n = sum(len(g.rollouts) for g in groups)
-            return groups, {"sync_ms": ms, "sync_bytes": nbytes, "sample_s": time.perf_counter() - t0,
-                            "samples": n, **audit}
+                # The prompts of groups that held a failed sampler's rollout are sampled again without it,
+                # so the step still trains on a whole batch.
+                keep = {id(g) for g in trusted}
+                kept += [g for g in groups if id(g) in keep]
+                todo = [p for g, p in zip(groups, todo, strict=True) if id(g) not in keep]
+            else:
+                kept, todo = kept + groups, []
+            if not todo:
+                n = sum(len(g.rollouts) for g in kept)
+                return kept, {"sync_ms": ms, "sync_bytes": nbytes, "sample_s": time.perf_counter() - t0,
+                              "samples": n, **audit}
 
     # -- the modes -----------------------------------------------------------------------------------
     async def run(self) -> RunState:

@@ -217,12 +217,14 @@ class Rendezvous:
                                                             f"{mesh_name!r}")
         mesh = self._meshes.setdefault(mesh_name, _Mesh(mesh_name))
         old = mesh.peers.get(peer_id)
-        if old is not None:
-            # The same identity reconnecting (e.g. after a network change) replaces its old socket.
-            with contextlib.suppress(Exception):
-                await old.close()
+        # The same identity reconnecting (e.g. after a network change) replaces its old socket. The new one
+        # is in place before the old one is closed, so the old handler's cleanup sees that it was replaced
+        # and does not tell the others that the peer left.
         mesh.peers[peer_id] = ws
         mesh.names[peer_id] = str(hello.get("name", ""))[:64]
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.close()
         await ws.send_bytes(msgpack.packb({"t": "welcome", "peers": [p for p in mesh.peers if p != peer_id]}))
         await self._broadcast(mesh, {"t": "joined", "peer": peer_id}, exclude=peer_id)
         channel = YChannel(ws, f"{mesh_name}/{peer_id}")
@@ -237,7 +239,7 @@ class Rendezvous:
             if mesh.peers.get(peer_id) is ws:
                 del mesh.peers[peer_id]
                 mesh.names.pop(peer_id, None)
-                self._spawn(self._broadcast(mesh, {"t": "left", "peer": peer_id}), f"left-{peer_id[:8]}")
+                self._spawn(self._tell_left(mesh, peer_id), f"left-{peer_id[:8]}")
             await cancel_and_wait(room_task)
         return ws
 
@@ -274,6 +276,10 @@ class Rendezvous:
             else:
                 await ws.send_bytes(msgpack.packb({"t": "error", "code": "bad-message",
                                                    "message": f"unexpected message type {kind!r}"}))
+
+    async def _tell_left(self, mesh: _Mesh, peer_id: str) -> None:
+        if peer_id not in mesh.peers:  # not back already (a "left" after its "joined" would undo it)
+            await self._broadcast(mesh, {"t": "left", "peer": peer_id})
 
     async def _broadcast(self, mesh: _Mesh, message: dict[str, Any], exclude: str | None = None) -> None:
         data = msgpack.packb(message)

@@ -125,6 +125,8 @@ async def main(url: str, mesh_name: str, victim: str) -> None:
     mesh = await join(url, mesh=mesh_name, name="hostile", identity=me, heartbeat=0.5, probe_seconds=0.05,
                       eager_links=0)
     try:
+        # A join needs one link only; the attack goes over a link to the victim itself too.
+        await mesh.connect(victim, 30)
         old = await _wait(lambda: _held(mesh, victim, "alloc"))
         _emit({"captured": _value(old), "links": sorted(mesh._links)})
         await asyncio.to_thread(sys.stdin.readline)

@@ -637,6 +637,11 @@ class Mesh:
         return self._live(peer_id) or peer_id in self._answering
 
     async def _offer_to(self, peer_id: str) -> None:
+        if peer_id not in self.state.peers() and self._room_provider is not None:
+            # Its record carries the addresses a direct link dials, and comes with the first state sync (a
+            # call or the DHT may link to a peer the rendezvous just introduced, before that sync).
+            with contextlib.suppress(MeshError):
+                await self.wait_synced(2.0)
         if await self._try_direct(peer_id) or self._linked_or_linking(peer_id):
             return
         link_id = secrets.token_hex(8)
@@ -840,8 +845,9 @@ class Mesh:
         """Keep a few links so that state and signaling have paths that avoid the rendezvous."""
         await asyncio.sleep(0.5)
         while True:
-            candidates = (set(self.state.peers()) | self._rendezvous_peers) - set(self._links) - set(self._answering) \
-                - {self.id}
+            # Only peers whose record is here: it carries the addresses a direct link dials, and a peer known
+            # only from the rendezvous would get a WebRTC offer where a direct link was possible.
+            candidates = set(self.state.peers()) - set(self._links) - set(self._answering) - {self.id}
             want = self.eager_links - len(self._links)
             # Only the lower id of a pair starts an eager link, so two joiners don't both offer.
             chosen = [p for p in candidates if p > self.id]

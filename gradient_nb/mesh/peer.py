@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 30.0
 # How long join() tries to link to the mesh before it gives up and explains why (NATs, no TURN).
 JOIN_LINK_TIMEOUT = 15.0
+# How long a signal waits for the rendezvous to announce a peer it does not list yet: a peer that has
+# just been welcomed is told to the others a moment later, and a call to it may come first.
+ANNOUNCE_WAIT_S = 3.0
 # Services every peer runs for the mesh itself: left out of what the UI shows.
 INTERNAL_SERVICES = ("mesh.", "dht.", "diag.")
 
@@ -166,6 +169,7 @@ class Mesh:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._room_channel: YChannel | None = None
         self._rendezvous_peers: set[str] = set()
+        self._announced = asyncio.Event()  # set (then cleared) whenever the rendezvous lists a new peer
         self._closed = False
         self.rejected_signals = 0
         # One row per link and per peer each heartbeat; bounded so a long-lived kernel doesn't grow.
@@ -384,6 +388,8 @@ class Mesh:
                 elif kind == "joined" and isinstance(m.get("peer"), str):
                     self._rendezvous_peers.add(m["peer"])
                     self.dht.add_contact(m["peer"])
+                    self._announced.set()
+                    self._announced.clear()
                 elif kind == "left" and isinstance(m.get("peer"), str):
                     self._rendezvous_peers.discard(m["peer"])
                 elif kind == "signal-error":
@@ -424,13 +430,31 @@ class Mesh:
         """Send through the rendezvous (None), or say why not."""
         if self._ws is None or self._ws.closed:
             return "the rendezvous is not connected"
+        if to not in self._rendezvous_peers and to not in self.state.peers():
+            # Not heard of at all: it may have just been welcomed, and "joined" is on its way (the
+            # rendezvous tells it before any of the newcomer's state, so a known record means the
+            # peer is really away from the rendezvous, and relays are the way).
+            await self._await_announced(to, ANNOUNCE_WAIT_S)
         if to not in self._rendezvous_peers:
             return "the rendezvous does not list that peer"
+        if self._ws is None or self._ws.closed:
+            return "the rendezvous is not connected"
         try:
             await self._ws.send_bytes(msgpack.packb({"t": "signal", "to": to, "env": env}))
         except (ConnectionError, RuntimeError) as exc:
             return f"sending through the rendezvous failed ({exc})"
         return None
+
+    async def _await_announced(self, peer_id: str, timeout: float) -> None:
+        """Wait (at most ``timeout``) until the rendezvous lists ``peer_id``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while peer_id not in self._rendezvous_peers and self.rendezvous_connected:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._announced.wait(), left)
 
     async def _on_ping(self, msg: Message, ctx: CallContext) -> Message:
         return Message({"t": time.time()}, dict(msg.tensors))

@@ -8,7 +8,8 @@ the offline embedder, graph signals, delayed price reaction and volume), the z-s
 theory-based reward and the logistic detector policy trained with the rl layer's GRPO loss.
 ``study``: train, evaluate on held-out episodes with bootstrap intervals, one round of manipulator
 co-evolution (a best-response search, or the manipulators learning with the same GRPO), the same
-figures after it.
+figures after it. ``swarm``: the detectors as agents on the mesh (each hosting an MCP tool backed by its
+own GRPO-trained policy), chosen by beacons and combined by the agents layer's weighted vote.
 """
 
 from .detector import (

@@ -193,14 +193,22 @@ def f1_score(y: np.ndarray, yhat: np.ndarray) -> float:
 
 def attribute(ep: Episode, flags: np.ndarray) -> np.ndarray:
     """A score per account: who posted in the flagged windows, weighted by how clustered they are."""
-    n = ep.adjacency.shape[0]
-    in_flagged = np.asarray(flags, bool)[np.minimum(ep.post_t // ep.config.window, ep.config.n_windows - 1)]
-    total = np.bincount(ep.post_account, minlength=n).astype(float)
-    flagged = np.bincount(ep.post_account, weights=in_flagged.astype(float), minlength=n)
+    post_window = np.minimum(ep.post_t // ep.config.window, ep.config.n_windows - 1)
+    return attribute_posts(post_window, ep.post_account, ep.adjacency, flags)
+
+
+def attribute_posts(post_window: np.ndarray, post_account: np.ndarray, adjacency: np.ndarray,
+                    flags: np.ndarray) -> np.ndarray:
+    """``attribute`` from the observable parts alone (each post's window and account, the social graph):
+    what a detector agent that is sent an observation, not an episode, computes."""
+    n = adjacency.shape[0]
+    in_flagged = np.asarray(flags, bool)[post_window]
+    total = np.bincount(post_account, minlength=n).astype(float)
+    flagged = np.bincount(post_account, weights=in_flagged.astype(float), minlength=n)
     share = flagged / np.maximum(total, 1.0)
     active = flagged > 0
-    deg = ep.adjacency.sum(1)
-    peers = (ep.adjacency & active[None, :]).sum(1) / np.maximum(deg, 1)
+    deg = adjacency.sum(1)
+    peers = (adjacency & active[None, :]).sum(1) / np.maximum(deg, 1)
     return share * (1 + peers)
 
 

@@ -297,7 +297,7 @@ def run_study(cfg: StudyConfig, grpo: Any, *, embed=None, keep: bool = False) ->
     out["config"] = {"train_episodes": cfg.train_episodes, "test_episodes": cfg.test_episodes, "steps": cfg.steps,
                      "num_generations": cfg.num_generations, "seed": cfg.seed, "bootstrap": cfg.bootstrap}
     if keep:
-        out["_artifacts"] = {"test": test, "test_after": test2, "X": Xte, "X_after": Xte2, "detectors": dets,
+        out["_artifacts"] = {"train": train, "X_train": Xtr, "test": test, "test_after": test2, "X": Xte, "X_after": Xte2, "detectors": dets,
                              "retrained": retrained, "flags": flags, "flags_after": flags2, "history": history,
                              "tried": tried}
     return out

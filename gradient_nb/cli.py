@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     p.add_argument("what", choices=["transport", "nat", "serve", "verify", "agents", "echo", "scale", "memory",
-                                      "market"])
+                                      "market", "collab"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
     return parser

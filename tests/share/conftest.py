@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from share_harness import START_TIMEOUT_S, Server, join_peer, start_server, wait_ready
 
-from gradient_nb.mesh.processes import spawn_owned, stop_processes
+from gradient_nb.mesh.processes import stop_processes
+from gradient_nb.notebook.share.harness import (
+    START_TIMEOUT_S,
+    Server,
+    join_peer,
+    start_rendezvous,
+    start_server,
+    wait_ready,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +36,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, 
 
 @pytest.fixture(scope="module")
 def rendezvous() -> Iterator[str]:
-    p = spawn_owned([sys.executable, "-m", "gradient_nb.cli", "rendezvous", "--port", "0"],
-                    stderr=subprocess.DEVNULL)
+    p, url = start_rendezvous()
     try:
-        line = p.stdout.readline()  # type: ignore[union-attr]
-        if not line:
-            raise RuntimeError("the rendezvous did not start")
-        yield json.loads(line)["url"]
+        yield url
     finally:
         stop_processes([p])
         p.stdout.close()  # type: ignore[union-attr]

@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 import msgpack
 import pytest
 from jupyter_ydoc import YNotebook
-from share_harness import Server, User, eventually, join_peer
 
 from gradient_nb.mesh.errors import RemoteError
 from gradient_nb.mesh.frames import Message
@@ -20,6 +19,7 @@ from gradient_nb.mesh.identity import Identity, sign_record
 from gradient_nb.notebook.share import CapabilityRefused, ShareError, capability, open_shared, share_notebook
 from gradient_nb.notebook.share.bridge import CHUNK_BYTES, OPEN, PUSH
 from gradient_nb.notebook.share.capability import decode_code
+from gradient_nb.notebook.share.harness import Server, User, eventually, join_peer
 from gradient_nb.notebook.share.yproto import TaggedDoc
 
 pytestmark = pytest.mark.slow

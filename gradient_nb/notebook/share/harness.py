@@ -1,5 +1,6 @@
-"""The shared-notebook tests' harness: real Jupyter servers (jupyter-collaboration) started as processes,
-and Python Yjs clients that stand in for the users in each JupyterLab."""
+"""Real Jupyter servers (jupyter-collaboration) started as processes, a rendezvous process, and Python Yjs
+clients that stand in for the users in each JupyterLab: the harness of the shared-notebook tests
+(``tests/share/``) and of ``gradient-nb bench collab``. Not used by the bridge itself."""
 
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from typing import Any
 from jupyter_ydoc import YNotebook
 from pycrdt import Awareness, Map
 
-from gradient_nb.mesh.identity import Identity
-from gradient_nb.mesh.peer import join
-from gradient_nb.mesh.processes import spawn_owned
-from gradient_nb.notebook.share.room import JupyterServer, RoomClient
-from gradient_nb.notebook.share.yproto import AwarenessRelay, TaggedDoc
+from ...mesh.identity import Identity
+from ...mesh.peer import join
+from ...mesh.processes import spawn_owned, stop_processes
+from .room import JupyterServer, RoomClient
+from .yproto import AwarenessRelay, TaggedDoc
 
 TOKEN = "share-test-token"
 START_TIMEOUT_S = 60.0
@@ -54,25 +55,25 @@ class Server:
         return name
 
 
-def _free_port() -> int:
+def _free_port(ip: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((ip, 0))
         return s.getsockname()[1]
 
 
-def start_server(root: Path, runtime: Path) -> Server:
-    """A Jupyter server (with jupyter-collaboration) serving ``root``; it ends with this process."""
-    port = _free_port()
+def start_server(root: Path, runtime: Path, ip: str = "127.0.0.1") -> Server:
+    """A Jupyter server (with jupyter-collaboration) serving ``root`` on ``ip``; it ends with this process."""
+    port = _free_port(ip)
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)}
     with open(_log_of(root), "wb") as log:
         # The YStore where jupyter-server-ydoc's default puts it when a lab is started in its root.
         proc = spawn_owned(
-            [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
+            [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--ServerApp.ip={ip}",
              f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={TOKEN}",
              f"--ServerApp.root_dir={root}", f"--SQLiteYStore.db_path={root / '.jupyter_ystore.db'}"],
             stdout=subprocess.DEVNULL, stderr=log, env=env)
-    return Server(root, f"http://127.0.0.1:{port}/", proc, runtime)
+    return Server(root, f"http://{ip}:{port}/", proc, runtime)
 
 
 def _log_of(root: Path) -> Path:
@@ -97,6 +98,18 @@ def wait_ready(server: Server, deadline: float) -> None:
         time.sleep(0.1)
 
 
+def start_rendezvous() -> tuple[subprocess.Popen, str]:
+    """A ``gradient-nb rendezvous`` process on this host (any free port); returns it and its URL.
+    Stop it with ``stop_processes([proc])``."""
+    p = spawn_owned([sys.executable, "-m", "gradient_nb.cli", "rendezvous", "--port", "0"],
+                    stderr=subprocess.DEVNULL)
+    line = p.stdout.readline()  # type: ignore[union-attr]
+    if not line:
+        stop_processes([p])
+        raise RuntimeError("the rendezvous did not start")
+    return p, json.loads(line)["url"]
+
+
 async def join_peer(url: str, name: str, **kw: Any) -> Any:
     return await join(url, name=name, identity=Identity.generate(), heartbeat=0.5, peer_timeout=3.0,
                       probe_seconds=0.05, **kw)
@@ -105,10 +118,11 @@ async def join_peer(url: str, name: str, **kw: Any) -> Any:
 class User:
     """A user in one JupyterLab: a Yjs client of the notebook's room, with a presence."""
 
-    def __init__(self, server: Server, path: str, name: str) -> None:
+    def __init__(self, server: Server | JupyterServer, path: str, name: str) -> None:
         self.doc = TaggedDoc()
         self.seen = AwarenessRelay()  # presences this user's lab shows
-        self.room = RoomClient(server.jupyter, path, self.doc, on_awareness=self._on_awareness)
+        jupyter = server.jupyter if isinstance(server, Server) else server
+        self.room = RoomClient(jupyter, path, self.doc, on_awareness=self._on_awareness)
         self.nb = YNotebook(self.doc.doc)
         self.name = name
         self.awareness = Awareness(self.doc.doc)

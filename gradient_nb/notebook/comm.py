@@ -8,7 +8,8 @@ cancels them when it closes.
 Messages, kernel -> front-end::
 
     {"type": "snapshot", "snapshot": {...}}
-    {"type": "reply", "request": "join" | "leave" | "snapshot", "id": <echoed>, "ok": bool, "error": str}
+    {"type": "reply", "request": "join" | "leave" | "snapshot" | "share" | "open", "id": <echoed>, "ok": bool,
+     "error": str, "code": str (share), "path": str (open)}
 
 Front-end -> kernel::
 
@@ -17,6 +18,14 @@ Front-end -> kernel::
      "turn": ..., "turn_username": ..., "turn_password": ...}   (options: strings, optional)
     {"request": "join", "local": true, "name": ...}   (a new local mesh, introduced by this kernel)
     {"request": "leave"}
+    {"request": "share", "path": "dir/nb.ipynb", "mode": "rw" | "ro", "expires_in": seconds | null,
+     "server_url": ..., "token": ..., "server_root": ...}   -> "code": the share code
+    {"request": "open", "code": "...", "server_url": ..., "token": ..., "server_root": ...}   -> "path"
+
+``share``/``open`` run :func:`gradient_nb.notebook.share.share_notebook` / ``open_shared`` with this kernel's
+mesh (it must have joined) and the Jupyter server the front-end names: its base URL and token (the front-end
+knows them), and its root directory (where its YStore, ``.jupyter_ystore.db``, lies). The Share and
+SharedNotebook objects belong to the kernel's session: they live while it is in the mesh and close on leave.
 
 Any request may carry an ``id``, echoed in its reply so the front-end can pair them.
 """
@@ -28,6 +37,8 @@ import inspect
 import json
 import logging
 import math
+import os
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -97,6 +108,84 @@ def _join_arguments(data: Mapping[str, Any]) -> tuple[str | None, str | None, di
             raise ValueError(f"{key} must be a string")
         options[key] = value
     return url, name or None, options
+
+
+_SESSION_MODULE = "gradient_nb.notebook.session"
+NOT_JOINED = "this notebook's kernel has not joined a mesh: join it first (gradient-nb: Join a Mesh…, or %mesh join)"
+# open_shared waits this long for the owner, so that its error comes back before the request times out.
+_OPEN_TIMEOUT = 45.0
+
+
+def _joined_session() -> Any:
+    """This kernel's notebook session, which must be in a mesh."""
+    module = sys.modules.get(_SESSION_MODULE)  # not loaded: the kernel never joined
+    session = None if module is None else module.current()
+    if session is None or session.mesh is None:
+        raise RuntimeError(NOT_JOINED)
+    return session
+
+
+def _string(data: Mapping[str, Any], key: str, *, required: bool = False) -> str | None:
+    value = data.get(key)
+    if value is None or (value == "" and not required):
+        if required:
+            raise ValueError(f"{key} is missing")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key} must be a non-empty string")
+    return value.strip()
+
+
+def _server_arguments(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``server_url``/``token`` (and the YStore path, from ``server_root``) of the front-end's Jupyter server."""
+    url = _string(data, "server_url")
+    token = data.get("token")
+    if token is not None and not isinstance(token, str):
+        raise ValueError("token must be a string")
+    args: dict[str, Any] = {"server_url": url, "token": token if url is not None else None}
+    root = _string(data, "server_root")
+    if root is not None:
+        from .share import YSTORE_FILE
+
+        args["ystore_db"] = os.path.join(os.path.expanduser(root), YSTORE_FILE)
+    return args
+
+
+async def share_request(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``share`` request: share the notebook at ``path`` with this kernel's mesh; ``{"code": ...}``."""
+    path = _string(data, "path", required=True)
+    mode = data.get("mode", "rw")
+    if mode not in ("rw", "ro"):
+        raise ValueError(f"mode is 'rw' or 'ro', not {mode!r}")
+    expires_in = data.get("expires_in")
+    if expires_in is not None and (isinstance(expires_in, bool) or not isinstance(expires_in, int | float)
+                                   or expires_in <= 0):
+        raise ValueError("expires_in must be a positive number of seconds")
+    session = _joined_session()
+    from .share import share_notebook
+
+    server = _server_arguments(data)
+    server.pop("ystore_db", None)  # the owner's room is read as it is: no store to write
+    share = await share_notebook(session.mesh, path, mode=mode, expires_in=expires_in, **server)
+    if session.mesh is None:  # left while sharing
+        await share.close()
+        raise RuntimeError(NOT_JOINED)
+    session.shares.append(share)
+    return {"code": share.code}
+
+
+async def open_request(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``open`` request: open share code ``code`` in the front-end's server; ``{"path": ...}``."""
+    code = _string(data, "code", required=True)
+    session = _joined_session()
+    from .share import open_shared
+
+    shared = await open_shared(session.mesh, code, timeout=_OPEN_TIMEOUT, **_server_arguments(data))
+    if session.mesh is None:
+        await shared.close()
+        raise RuntimeError(NOT_JOINED)
+    session.shares.append(shared)
+    return {"path": shared.path}
 
 
 class _Session:
@@ -179,6 +268,10 @@ class _Session:
                 if self._target._leave_cb is None:
                     raise RuntimeError("this kernel does not offer leave from the panel")
                 await asyncio.wait_for(self._target._leave_cb(), self._target._request_timeout)
+            elif request == "share":
+                reply.update(await asyncio.wait_for(share_request(data), self._target._request_timeout))
+            elif request == "open":
+                reply.update(await asyncio.wait_for(open_request(data), self._target._request_timeout))
             else:
                 raise ValueError(f"unknown request {request!r}")
         except asyncio.CancelledError:
@@ -186,6 +279,8 @@ class _Session:
         except TimeoutError:
             reply.update(ok=False, error=f"{request} timed out after {self._target._request_timeout:g} s")
         except Exception as exc:
+            if request in ("share", "open"):
+                _log.info("mesh %s request failed", request, exc_info=True)
             reply.update(ok=False, error=str(exc) or type(exc).__name__)
         if self._closed:
             return

@@ -155,6 +155,9 @@ class NotebookSession:
         self.engine: Any = None
         self.api: Any = None
         self.local_peers: list[LocalPeer] = []
+        # Notebooks shared or opened through the Mesh panel (share.Share / share.SharedNotebook): they live
+        # while the kernel is in the mesh and close on leave (and so at kernel exit).
+        self.shares: list[Any] = []
         self.last_error: BaseException | None = None
         self.last_answer: str | None = None
         self.answer_tokens = 0  # tokens of the answer being generated (or last generated)
@@ -409,6 +412,10 @@ class NotebookSession:
                 await self.engine.aclose()
         self.engine = None
         await self.stop_local_peers()
+        shares, self.shares = self.shares, []
+        for share in shares:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(share.close(), 0.5 if self._exiting else 5.0)
         if self.mesh is not None:
             await self.mesh.leave()
             self.mesh = None

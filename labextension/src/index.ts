@@ -1,12 +1,20 @@
 /**
- * JupyterLab glue: the Mesh side panel, the status-bar item, the join/leave commands (listed in the
- * palette under "gradient-nb"), the settings and auto-join. The logic lives in model.ts, protocol.ts,
- * connection.ts, view.ts, settings.ts and autojoin.ts.
+ * JupyterLab glue: the Mesh side panel, the status-bar item, the join/leave and share/open-shared commands
+ * (listed in the palette under "gradient-nb"), the settings and auto-join. The logic lives in model.ts,
+ * protocol.ts, connection.ts, view.ts, settings.ts, share.ts and autojoin.ts.
  */
 
 import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
-import { ICommandPalette, InputDialog, showErrorMessage } from '@jupyterlab/apputils';
+import {
+  Clipboard,
+  Dialog,
+  ICommandPalette,
+  InputDialog,
+  showDialog,
+  showErrorMessage
+} from '@jupyterlab/apputils';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
+import { ServerConnection } from '@jupyterlab/services';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { LabIcon } from '@jupyterlab/ui-components';
@@ -15,6 +23,7 @@ import { Widget } from '@lumino/widgets';
 import { AutoJoiner } from './autojoin';
 import { IKernelLike, MeshConnection } from './connection';
 import { statusText } from './model';
+import { IServerInfo, MODE_CHOICES, cleanCode, modeOfChoice, openPayload, sharePayload } from './share';
 import { DEFAULT_SETTINGS, IMeshSettings, joinPayload, peerName, readSettings } from './settings';
 import { MeshView } from './view';
 
@@ -28,7 +37,54 @@ export namespace CommandIDs {
   export const leave = 'gradient-nb:leave';
   export const showPanel = 'gradient-nb:show-mesh';
   export const settings = 'gradient-nb:settings';
+  export const share = 'gradient-nb:share-notebook';
+  export const openShared = 'gradient-nb:open-shared';
 }
+
+/** This front end's Jupyter server, for the kernel's bridge. */
+function serverInfo(): IServerInfo {
+  const settings = ServerConnection.makeSettings();
+  return { baseUrl: settings.baseUrl, token: settings.token, serverRoot: pageConfigOption('serverRoot') };
+}
+
+/** An option of the page's config data (what PageConfig.getOption reads), '' if absent. */
+function pageConfigOption(name: string): string {
+  try {
+    const el = document.getElementById('jupyter-config-data');
+    const value = el?.textContent ? JSON.parse(el.textContent)[name] : undefined;
+    return typeof value === 'string' ? value : '';
+  } catch {
+    return '';
+  }
+}
+
+/** The dialog body showing a share code, with its own Copy button (the dialog stays open). */
+class ShareCodeBody extends Widget {
+  constructor(code: string, mode: string) {
+    super();
+    this.addClass('gnb-ShareCode');
+    const text = document.createElement('p');
+    text.textContent =
+      (mode === 'ro' ? 'Read-only' : 'Read-write') +
+      ' share code. On the other machine: gradient-nb: Open Shared Notebook… (with a notebook whose kernel ' +
+      'joined the same mesh open), and paste it. The share lasts while this notebook’s kernel stays in the mesh.';
+    const field = document.createElement('textarea');
+    field.className = 'gnb-ShareCode-code';
+    field.readOnly = true;
+    field.rows = 4;
+    field.value = code;
+    field.addEventListener('focus', () => field.select());
+    const copy = document.createElement('button');
+    copy.className = 'jp-mod-styled gnb-ShareCode-copy';
+    copy.textContent = 'Copy';
+    copy.addEventListener('click', () => {
+      Clipboard.copyToSystem(code);
+      copy.textContent = 'Copied';
+    });
+    this.node.append(text, field, copy);
+  }
+}
+
 
 const meshIcon = new LabIcon({
   name: 'gradient-nb:mesh',
@@ -46,6 +102,8 @@ class MeshPanel extends Widget {
   readonly view: MeshView;
   private readonly _join: HTMLButtonElement;
   private readonly _leave: HTMLButtonElement;
+  private readonly _share: HTMLButtonElement;
+  private readonly _open: HTMLButtonElement;
 
   constructor(
     private readonly _connection: MeshConnection,
@@ -56,7 +114,7 @@ class MeshPanel extends Widget {
     this.addClass('gnb-MeshPanel');
     this.title.icon = meshIcon;
     this.title.caption = 'Mesh';
-    // The panel's own Join/Leave: the same commands as the palette's.
+    // The panel's own Join/Leave/Share/Open: the same commands as the palette's.
     const bar = document.createElement('div');
     bar.className = 'gnb-MeshPanel-actions';
     const button = (label: string, command: string) => {
@@ -70,6 +128,8 @@ class MeshPanel extends Widget {
     };
     this._join = button('Join…', CommandIDs.join);
     this._leave = button('Leave', CommandIDs.leave);
+    this._share = button('Share…', CommandIDs.share);
+    this._open = button('Open Shared…', CommandIDs.openShared);
     this.node.appendChild(bar);
     this.view = new MeshView(this.node); // appends after the bar; the panel node carries its data-*
     _connection.changed.connect(this._update, this);
@@ -81,6 +141,8 @@ class MeshPanel extends Widget {
     const joined = this._connection.snapshot?.joined === true;
     this._join.disabled = joined || this._connection.kernel === null;
     this._leave.disabled = !joined;
+    this._share.disabled = !joined;
+    this._open.disabled = !joined;
   }
 
   dispose(): void {
@@ -228,10 +290,81 @@ const plugin: JupyterFrontEndPlugin<void> = {
       isVisible: () => registry !== null && app.commands.hasCommand('settingeditor:open'),
       execute: () => app.commands.execute('settingeditor:open', { query: 'gradient-nb' })
     });
-    connection.changed.connect(() => app.commands.notifyCommandChanged(CommandIDs.leave));
+    app.commands.addCommand(CommandIDs.share, {
+      label: 'gradient-nb: Share Notebook over the Mesh…',
+      caption: 'Share the current notebook, live, with peers of its kernel’s mesh: gives a share code',
+      isEnabled: () => tracker.currentWidget !== null,
+      execute: async () => {
+        const notebook = tracker.currentWidget;
+        if (!notebook) {
+          return;
+        }
+        const choice = await InputDialog.getItem({
+          title: `Share ${notebook.context.path} over the mesh`,
+          label: 'Those who open it may',
+          items: MODE_CHOICES.map(c => c.label),
+          current: 0
+        });
+        const mode = choice.button.accept ? modeOfChoice(choice.value) : null;
+        if (!mode) {
+          return;
+        }
+        const reply = await connection.request('share', sharePayload(notebook.context.path, mode, serverInfo()));
+        if (!reply.ok || !reply.code) {
+          await showErrorMessage('Could not share the notebook', reply.error || 'the kernel gave no share code');
+          return;
+        }
+        await showDialog({
+          title: 'Notebook shared over the mesh',
+          body: new ShareCodeBody(reply.code, mode),
+          buttons: [Dialog.okButton({ label: 'Close' })]
+        });
+      }
+    });
+    app.commands.addCommand(CommandIDs.openShared, {
+      label: 'gradient-nb: Open Shared Notebook…',
+      caption: 'Open a notebook shared over the mesh (a share code) through the current notebook’s kernel',
+      execute: async () => {
+        if (!tracker.currentWidget || connection.snapshot?.joined !== true) {
+          await showErrorMessage(
+            'Open Shared Notebook',
+            'Open a notebook whose kernel has joined the mesh first (gradient-nb: Join a Mesh…): ' +
+              'its kernel opens the shared notebook.'
+          );
+          return;
+        }
+        const answer = await InputDialog.getText({
+          title: 'Open a shared notebook',
+          label: 'Share code',
+          placeholder: 'gnbshare1.…'
+        });
+        const code = answer.button.accept ? cleanCode(answer.value) : '';
+        if (!code) {
+          return;
+        }
+        const reply = await connection.request('open', openPayload(code, serverInfo()));
+        if (!reply.ok || !reply.path) {
+          await showErrorMessage('Could not open the shared notebook', reply.error || 'the kernel gave no path');
+          return;
+        }
+        await app.commands.execute('docmanager:open', { path: reply.path });
+      }
+    });
+    connection.changed.connect(() => {
+      app.commands.notifyCommandChanged(CommandIDs.leave);
+      app.commands.notifyCommandChanged(CommandIDs.share);
+    });
+    tracker.currentChanged.connect(() => app.commands.notifyCommandChanged(CommandIDs.share));
 
     if (palette) {
-      for (const command of [CommandIDs.join, CommandIDs.leave, CommandIDs.showPanel, CommandIDs.settings]) {
+      for (const command of [
+        CommandIDs.join,
+        CommandIDs.leave,
+        CommandIDs.share,
+        CommandIDs.openShared,
+        CommandIDs.showPanel,
+        CommandIDs.settings
+      ]) {
         palette.addItem({ command, category: CATEGORY });
       }
     }

@@ -25,16 +25,20 @@ export interface ICommLike {
   close(data?: any): unknown;
 }
 
-export type RequestKind = 'snapshot' | 'join' | 'leave';
+export type RequestKind = 'snapshot' | 'join' | 'leave' | 'share' | 'open';
 
 export interface IReply {
   ok: boolean;
   error: string;
+  /** The share code (a `share` request's reply). */
+  code?: string;
+  /** The shared notebook's path in this server (an `open` request's reply). */
+  path?: string;
 }
 
 export type KernelMessage =
   | { type: 'snapshot'; snapshot: MeshSnapshot }
-  | { type: 'reply'; request: string; id: unknown; ok: boolean; error: string }
+  | ({ type: 'reply'; request: string; id: unknown } & IReply)
   | { type: 'unknown' };
 
 export function parseKernelMessage(data: unknown): KernelMessage {
@@ -46,13 +50,19 @@ export function parseKernelMessage(data: unknown): KernelMessage {
     return { type: 'snapshot', snapshot: parseSnapshot(d.snapshot) };
   }
   if (d.type === 'reply') {
-    return {
+    const reply: KernelMessage = {
       type: 'reply',
       request: typeof d.request === 'string' ? d.request : '',
       id: d.id,
       ok: d.ok === true,
       error: typeof d.error === 'string' ? d.error : ''
     };
+    for (const key of ['code', 'path'] as const) {
+      if (typeof d[key] === 'string') {
+        reply[key] = d[key] as string;
+      }
+    }
+    return reply;
   }
   return { type: 'unknown' };
 }
@@ -151,7 +161,13 @@ export class MeshChannel {
       this._gotSnapshot = true;
       this._handlers.onSnapshot(msg.snapshot);
     } else if (msg.type === 'reply' && typeof msg.id === 'number') {
-      this._settle(msg.id, { ok: msg.ok, error: msg.error });
+      const { ok, error, code, path } = msg;
+      this._settle(msg.id, {
+        ok,
+        error,
+        ...(code !== undefined ? { code } : {}),
+        ...(path !== undefined ? { path } : {})
+      });
     }
   }
 

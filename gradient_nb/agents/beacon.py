@@ -157,6 +157,10 @@ class Selector:
 
     def choose(self, beacon: Beacon, bids: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The k best bids by recomputed prior + LinUCB, each with the figures it was chosen on."""
+        return self.rank(beacon, bids)[:beacon.k]
+
+    def rank(self, beacon: Beacon, bids: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every bid from an agent with a live, signed record, best first (see :meth:`choose`)."""
         agents = self.ledger.agents()
         req = np.asarray(beacon.requirement, dtype=np.float32)
         ranked = []
@@ -169,7 +173,7 @@ class Selector:
             self.contexts[(beacon.id, cap.agent)] = x
             ranked.append({**bid, "prior": prior, "value": value, "name": cap.name})
         ranked.sort(key=lambda b: -b["value"])
-        return ranked[:beacon.k]
+        return ranked
 
     def learn(self, beacon: Beacon, agent: str, success: bool) -> None:
         x = self.contexts.pop((beacon.id, agent), None)

@@ -17,7 +17,7 @@ import asyncio
 import time
 from typing import Any
 
-from ..mesh.errors import MeshError
+from ..mesh.errors import MeshError, RemoteError
 from ..mesh.frames import Message
 from .beacon import Beacon, Selector
 from .events import RunLog, Runs
@@ -27,6 +27,10 @@ from .react import LlmPlanner
 from .vote import votes_from, weighted_vote
 
 MODES = ("single", "tools", "vote", "plan")
+# An agent at capacity refuses a task with Overloaded: busy, not failing. The task goes to the next bidder
+# not asked yet, or (none left) to the same agent after a backoff, this many times at most.
+BUSY_RETRIES = 3
+BUSY_BACKOFF_S = 0.5
 
 
 class Requester:
@@ -59,7 +63,8 @@ class Requester:
         bids = await self.selector.collect_bids(self.mesh, beacon, exclude=exclude)
         for b in bids:
             log.emit("bid", agent=b["agent"], score=round(float(b["score"]), 4))
-        chosen = self.selector.choose(beacon, bids)
+        ranked = self.selector.rank(beacon, bids)
+        chosen, spares = ranked[:beacon.k], ranked[beacon.k:]
         if not chosen:
             log.emit("final", answer=None, error="no agent bid")
             return {"answer": None, "error": "no agent bid"}
@@ -68,15 +73,25 @@ class Requester:
         worker_mode = "tools" if mode == "tools" else "single"
 
         async def one(i: int, agent: str) -> dict[str, Any] | None:
-            log.emit("dispatch", agent=agent, mode=worker_mode)
-            t0 = time.perf_counter()
             header = {"task": task, "mode": worker_mode, "temperature": 0.7 if mode == "vote" else 0.0, "seed": i}
-            try:
-                reply = await self.mesh.call(agent, "agent.task", Message(header), timeout=self.task_timeout)
-            except MeshError as exc:
-                self._outcome(beacon, agent, False, t0)
-                log.emit("error", agent=agent, error=f"{type(exc).__name__}: {exc}")
-                return None
+            for attempt in range(BUSY_RETRIES + 1):
+                log.emit("dispatch", agent=agent, mode=worker_mode)
+                t0 = time.perf_counter()
+                try:
+                    reply = await self.mesh.call(agent, "agent.task", Message(header), timeout=self.task_timeout)
+                    break
+                except RemoteError as exc:
+                    if exc.code != "Overloaded" or attempt == BUSY_RETRIES:
+                        return self._failed(beacon, agent, exc, t0, log)
+                    # Concurrent runs can choose the same agent before its load shows in a bid.
+                    nxt = spares.pop(0)["agent"] if spares else agent
+                    delay = BUSY_BACKOFF_S * 2 ** attempt if nxt == agent else 0.0
+                    log.emit("retry", agent=agent, error=f"{exc.code}: {exc.remote_message}", attempt=attempt + 1,
+                             backoff_s=delay, next=nxt)
+                    await asyncio.sleep(delay)
+                    agent = nxt
+                except MeshError as exc:
+                    return self._failed(beacon, agent, exc, t0, log)
             for call in reply.header.get("tool_calls") or []:
                 log.emit("tool_call", agent=agent, tool=call.get("tool"), arguments=call.get("arguments"))
                 log.emit("tool_result", agent=agent, tool=call.get("tool"), result=call.get("result"),
@@ -101,6 +116,10 @@ class Requester:
                           time.perf_counter() - r["seconds"])
         log.emit("final", answer=winner)
         return {"answer": winner, "tally": tally, "tokens": tokens, "agents": [v.agent for v in votes]}
+
+    def _failed(self, beacon: Beacon, agent: str, exc: MeshError, t0: float, log: RunLog) -> None:
+        self._outcome(beacon, agent, False, t0)
+        log.emit("error", agent=agent, error=f"{type(exc).__name__}: {exc}")
 
     def _outcome(self, beacon: Beacon, agent: str, ok: bool, t0: float) -> None:
         self.selector.learn(beacon, agent, ok)

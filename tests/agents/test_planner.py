@@ -106,6 +106,30 @@ async def test_a_failing_tool_is_retried_with_backoff() -> None:
             await req.mesh.leave()
 
 
+async def test_concurrent_runs_that_pick_a_busy_agent_go_to_the_next_bidder() -> None:
+    """Runs started together rank the same agent first (its load shows in no bid yet); at capacity it
+    answers Overloaded, and the task goes to the next bidder instead of ending without an answer."""
+    async with Rendezvous() as rv:
+        agents = [await _agent(rv.url, f"solo{i}", slow_server, 1) for i in range(2)]
+        req = Requester(await _join(rv.url, "requester"))
+        try:
+            await _wait_agents(req, 2)
+            outs = await asyncio.gather(*(req.run(f"Compute {n}*7", mode="tools") for n in (2, 3, 4)))
+            assert [o["answer"] for o in outs] == ["14", "21", "28"], outs
+            events = [e for o in outs for e in req.runs.runs[o["run_id"]].events]
+            assert "error" not in {e.kind for e in events}
+            retries = [e.data for e in events if e.kind == "retry"]
+            assert retries and all("Overloaded" in r["error"] for r in retries), retries
+            assert all(a.peak_load <= a.capacity for a in agents)
+            # Busy is not failing: no agent's history holds a failure.
+            assert all(req.ledger.history(a.mesh.id).failures == 0 for a in agents)
+        finally:
+            for a in agents:
+                await a.stop()
+                await a.mesh.leave()
+            await req.mesh.leave()
+
+
 async def test_an_agent_killed_mid_task_is_replanned(procs) -> None:
     _, url = procs.rendezvous()
     env_delay = {"SLOW_TOOLS_DELAY": "3"}

@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from ..mesh.tasks import cancel_and_wait
 from .grammar import RequestError, StructuredOutput
 from .sampling import MAX_LOGPROBS, SamplingParams, StopDetector
 
@@ -172,8 +173,6 @@ class _App:
             raise ApiError(400, "echo and best_of are not supported", param="echo")
         logprobs = self._logprobs(body, default_max is None)
         stream = _field(body, "stream", bool, False)
-        if stream and (n > 1 or logprobs is not None):
-            raise ApiError(400, "streaming supports n=1 without logprobs; ask without stream", param="stream")
         opts = _field(body, "stream_options", dict, {})
         include_usage = bool(opts.get("include_usage")) if stream else False
         temperature = float(_field(body, "temperature", (int, float), 1.0))
@@ -283,17 +282,22 @@ class _App:
         p, c = len(job.prompt_ids), state.get("completion_tokens", 0)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
+    @staticmethod
+    def _choices(job: _Job, state: dict[str, Any]) -> tuple[list[_Job], list[dict[str, Any]]]:
+        """n choices are n concurrent generations of the same prompt (the engine batches them); choice i
+        is seeded ``seed + i``."""
+        jobs = [job if i == 0 else replace(job, params=replace(
+            job.params, seed=None if job.params.seed is None else (job.params.seed + i) % 2**63))
+            for i in range(job.n)]
+        return jobs, [state] + [{} for _ in range(job.n - 1)]
+
     async def _respond(self, request: Request, job: _Job, chat: bool) -> Response:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         state: dict[str, Any] = {}
         if not job.stream:
-            # n choices are n concurrent generations of the same prompt (the engine batches them).
-            jobs = [job if i == 0 else replace(job, params=replace(
-                job.params, seed=None if job.params.seed is None else (job.params.seed + i) % 2**63))
-                for i in range(job.n)]
-            states: list[dict[str, Any]] = [state] + [{} for _ in range(job.n - 1)]
+            jobs, states = self._choices(job, state)
             collect = asyncio.ensure_future(asyncio.gather(*(_collect(self._generate(j, st))
                                                              for j, st in zip(jobs, states, strict=True))))
             listener = asyncio.ensure_future(_until_disconnect(request))
@@ -325,17 +329,29 @@ class _App:
                                  "choices": choices, "usage": usage})
 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+        jobs, states = self._choices(job, state)
+        offsets = [0] * job.n  # legacy completions' text_offset runs on through a choice's chunks
+        reported = [0] * job.n  # steps already reported per choice: each chunk carries the new ones
 
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        def chunk(i: int, delta: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+            logprobs = None
+            if job.logprobs is not None:
+                st = states[i]
+                new = st.get("steps", [])[reported[i]:st.get("completion_tokens", 0)]
+                reported[i] += len(new)
+                if new:  # a chunk whose text was held back (a possible stop string) reports them later
+                    logprobs = _logprobs_object(self.engine.tokenizer, new, len(new), chat, offsets[i])
+                    if not chat:
+                        offsets[i] += sum(len(t) for t in logprobs["tokens"])
             if chat:
                 d: dict[str, Any] = {}
                 if first:
                     d["role"] = "assistant"
                 if delta is not None:
                     d["content"] = delta
-                c: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+                c: dict[str, Any] = {"index": i, "delta": d, "finish_reason": finish, "logprobs": logprobs}
             else:
-                c = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+                c = {"index": i, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}
             out: dict[str, Any] = {"id": rid, "object": chunk_obj, "created": created, "model": self.model_name,
                                    "choices": [c]}
             if job.include_usage:
@@ -343,21 +359,46 @@ class _App:
             return out
 
         async def events() -> AsyncIterator[bytes]:
-            gen = self._generate(job, state)
+            # The n choices generate concurrently (the engine batches them); their chunks interleave,
+            # each naming its choice by index, as OpenAI streams n > 1.
+            merged: asyncio.Queue[tuple[int, str | BaseException | None]] = asyncio.Queue()
+
+            async def pump(i: int) -> None:
+                gen = self._generate(jobs[i], states[i])
+                try:
+                    async for delta in gen:
+                        merged.put_nowait((i, delta))
+                    merged.put_nowait((i, None))
+                except Exception as exc:  # reported in-band below
+                    merged.put_nowait((i, exc))
+                finally:
+                    await gen.aclose()
+
+            pumps = [asyncio.ensure_future(pump(i)) for i in range(job.n)]
             try:
                 if chat:
-                    yield _sse(chunk("", None, first=True))
-                async for delta in gen:
-                    yield _sse(chunk(delta, None))
-                yield _sse(chunk(None if chat else "", state["finish_reason"]))
+                    for i in range(job.n):
+                        yield _sse(chunk(i, "", None, first=True))
+                left = job.n
+                while left:
+                    i, item = await merged.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is None:
+                        left -= 1
+                        yield _sse(chunk(i, None if chat else "", states[i]["finish_reason"]))
+                    else:
+                        yield _sse(chunk(i, item, None))
                 if job.include_usage:
+                    usage = self._usage(job, {"completion_tokens": sum(st["completion_tokens"] for st in states)})
                     yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": self.model_name,
-                                "choices": [], "usage": self._usage(job, state)})
+                                "choices": [], "usage": usage})
             except Exception as exc:  # headers are gone: report in-band, as OpenAI does
                 yield _sse({"error": {"message": f"generation failed: {exc}", "type": "server_error",
                                       "param": None, "code": None}})
             finally:
-                await gen.aclose()
+                for p in pumps:  # a client that left, or a failed choice: the others stop too
+                    await cancel_and_wait(p)
             yield b"data: [DONE]\n\n"
 
         return _EventStream(events())
@@ -473,9 +514,10 @@ async def _step_tokens(steps: AsyncIterator[Any], record: list[Any] | None = Non
         await steps.aclose()  # type: ignore[attr-defined]
 
 
-def _logprobs_object(tokenizer: Any, steps: list[Any], count: int, chat: bool) -> dict[str, Any]:
+def _logprobs_object(tokenizer: Any, steps: list[Any], count: int, chat: bool, offset: int = 0) -> dict[str, Any]:
     """OpenAI's logprobs of a choice from the engine's steps (each token's log-probability under the
-    distribution it was drawn from, and its top alternatives), for the ``count`` tokens of the answer."""
+    distribution it was drawn from, and its top alternatives), for the ``count`` tokens of the answer
+    (of a streamed chunk: its new tokens, ``offset`` the text already sent)."""
     steps = steps[:count]
 
     def text(t: int) -> str:
@@ -485,7 +527,7 @@ def _logprobs_object(tokenizer: Any, steps: list[Any], count: int, chat: bool) -
         return {"content": [{"token": text(s.token), "logprob": s.logprob, "bytes": list(text(s.token).encode()),
                              "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
                                               for t, lp in s.top]} for s in steps], "refusal": None}
-    offsets, at = [], 0
+    offsets, at = [], offset
     for s in steps:
         offsets.append(at)
         at += len(text(s.token))

@@ -171,6 +171,43 @@ async def test_chat_streaming(client: openai.AsyncOpenAI) -> None:
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+async def test_streaming_n_choices_with_logprobs(client: openai.AsyncOpenAI) -> None:
+    """n > 1 and logprobs streamed: each choice's chunks (interleaved, named by index) add up to the same
+    text and the same per-token logprobs as the request without stream."""
+    kw = dict(model=DEFAULT_MODEL, messages=QUESTION, temperature=1.0, max_tokens=10, n=2, seed=5,
+              logprobs=True, top_logprobs=2, stop=" Paris")
+    whole = await client.chat.completions.create(**kw)
+    stream = await client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    text, logprobs, finish, usage = ["", ""], [[], []], [None, None], None
+    async for chunk in stream:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            text[c.index] += c.delta.content or ""
+            finish[c.index] = c.finish_reason or finish[c.index]
+            if c.logprobs is not None:
+                logprobs[c.index] += [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in c.logprobs.content]
+    # The logprobs agree to float noise: a step's batch (which choices ran together) changes the last bits.
+    for i, choice in enumerate(whole.choices):
+        assert text[i] == choice.message.content and finish[i] == choice.finish_reason
+        want = [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in choice.logprobs.content]
+        assert [(t, top) for t, _, top in logprobs[i]] == [(t, top) for t, _, top in want]
+        assert max(abs(a[1] - b[1]) for a, b in zip(logprobs[i], want, strict=True)) < 1e-4
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.completion_tokens == sum(len(lp) for lp in logprobs)
+    # Legacy completions: the offsets run on across chunks.
+    legacy = dict(model=DEFAULT_MODEL, prompt="Paris is", max_tokens=5, temperature=0, logprobs=2, n=2)
+    ref = (await client.completions.create(**legacy)).choices[0].logprobs
+    parts: dict[int, list[Any]] = {0: [], 1: []}
+    async for chunk in await client.completions.create(**legacy, stream=True):
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                parts[c.index] += list(zip(c.logprobs.tokens, c.logprobs.token_logprobs, c.logprobs.text_offset,
+                                           strict=True))
+    for part in parts.values():
+        assert [(t, o) for t, _, o in part] == list(zip(ref.tokens, ref.text_offset, strict=True))
+        assert max(abs(lp - r) for (_, lp, _), r in zip(part, ref.token_logprobs, strict=True)) < 1e-4
+
+
 async def test_completions_length_and_stream(client: openai.AsyncOpenAI, engine: TrackedEngine,
                                              reference: Any) -> None:
     prompt = "The three primary colors are"
@@ -249,7 +286,6 @@ async def test_huge_max_tokens_and_other_bad_params(client: openai.AsyncOpenAI) 
         ({"max_tokens": 10**6}, "max_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 0}, "n"),
-        ({"n": 2, "stream": True}, "stream"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"temperature": 3.5}, "temperature"),

@@ -322,6 +322,7 @@ class EchoRun:
         self._announced = None
         self._sync_lock = asyncio.Lock()
         self._batch_seed = 0
+        self._started = time.perf_counter()
 
     def stop(self) -> None:
         self._stop.set()
@@ -331,6 +332,7 @@ class EchoRun:
 
     def _record(self, stats: dict[str, Any]) -> None:
         stats["step"] = len(self.state.metrics) + 1
+        stats["elapsed_s"] = time.perf_counter() - self._started
         self.state.metrics.append(stats)
         if self.on_step is not None:
             try:
@@ -433,6 +435,7 @@ class EchoRun:
     # -- the modes -----------------------------------------------------------------------------------
     async def run(self) -> RunState:
         self.state.status = "running"
+        self._started = time.perf_counter()
         try:
             if self.follower:
                 await asyncio.to_thread(self.trainer.follow)
